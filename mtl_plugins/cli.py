@@ -1,0 +1,55 @@
+"""``mtl-train RECIPE [key=value ...]``: run a bundled or YAML recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import available_architectures, available_strategies
+from .config import apply_overrides, list_recipes, load_recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl-train",
+        description="Train a multi-task model from a recipe (a bundled name or a YAML path).",
+        epilog="Example: mtl-train quickstart strategy.name=ew training.num_train_epochs=1",
+    )
+    parser.add_argument("recipe", nargs="?", help="bundled recipe name or path to a YAML recipe")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value (values are YAML)")
+    parser.add_argument("--list", action="store_true", help="list bundled recipes, strategies and architectures")
+    parser.add_argument("--output-dir", help="output folder (default: the recipe's output_dir)")
+    parser.add_argument("--baselines", choices=("cache", "train", "skip"),
+                        help="single-task baselines for Delta_m: cached, retrained, or skipped")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print("recipes:       " + ", ".join(list_recipes()))
+        print("strategies:    " + ", ".join(available_strategies()))
+        print("architectures: " + ", ".join(available_architectures()))
+        return 0
+    if not args.recipe:
+        build_parser().print_usage(sys.stderr)
+        print("mtl-train: error: give a recipe (see mtl-train --list)", file=sys.stderr)
+        return 2
+    try:
+        recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"mtl-train: error: {error}", file=sys.stderr)
+        return 2
+    from .runner import run_recipe
+
+    summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
+    print(f"outputs written to {args.output_dir or recipe.get('output_dir', 'runs/run')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""PNG plots written at the end of a run (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(records: Sequence[Mapping[str, float]], tasks: Sequence[str], path: str | Path) -> Path:
+    """Per-task training loss against step, one panel per task."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
+    steps = [r["step"] for r in records]
+    for ax, task in zip(axes[0], tasks):
+        ax.plot(steps, [r[f"loss/{task}"] for r in records])
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_heatmap(matrix, labels: Sequence[str], path: str | Path, title: str, xlabel: str = "", ylabel: str = "") -> Path:
+    """An annotated square heatmap (e.g. an inter-task affinity matrix)."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.8 + 0.8 * len(labels)))
+    bound = float(np.abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    if len(labels) <= 12:
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_series(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path, title: str, ylabel: str) -> Path:
+    """Line plot of one or more series against ``x`` (e.g. number of groups over steps)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for label, values in series.items():
+        ax.plot(x, values, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,152 @@
+"""Name -> class registries for strategies and architectures (LibMTL-style, with aliases).
+
+A plugin is a class whose ``__init__`` takes the task list first and keyword options after it.
+Options are checked against the signature: unknown names and ill-typed values are rejected with an
+error that names the option and the accepted ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+#: Options a plugin receives from the caller's context rather than from the user's recipe.
+CONTEXT_OPTIONS = ("model",)
+
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    """Validate a task list: non-empty, strings, no duplicates. Returns it as a list."""
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a list of task names, got {tasks!r}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks is empty: give at least one task name")
+    bad = [t for t in tasks if not isinstance(t, str) or not t]
+    if bad:
+        raise TypeError(f"task names must be non-empty strings, got {bad!r}")
+    duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate task names: {duplicates}")
+    return tasks
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Best-effort runtime check of ``value`` against a type annotation."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(annotation))
+    if origin is Literal:
+        return value in get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, Sequence, typing.Sequence, tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, typing.Mapping) or annotation is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty:
+        return "any"
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+class Registry:
+    """A named collection of plugin classes with aliases and option checking."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: dict[str, type] = {}
+        self._aliases: dict[str, str] = {}
+
+    def register(self, name: str, *, aliases: Sequence[str] = ()) -> Callable[[type[T]], type[T]]:
+        """Class decorator registering ``cls`` under ``name`` (and optional aliases)."""
+
+        def decorator(cls: type[T]) -> type[T]:
+            for key in (name, *aliases):
+                if key in self._classes or key in self._aliases:
+                    raise ValueError(f"{self.kind} {key!r} is already registered")
+            self._classes[name] = cls
+            for alias in aliases:
+                self._aliases[alias] = name
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
+
+        return decorator
+
+    def available(self) -> list[str]:
+        """Canonical names of all registered plugins, sorted."""
+        return sorted(self._classes)
+
+    def resolve(self, name: str) -> str:
+        """Canonical name for ``name`` or an alias; ``ValueError`` listing the choices if unknown."""
+        if name in self._classes:
+            return name
+        if name in self._aliases:
+            return self._aliases[name]
+        lowered = {k.lower(): k for k in self._classes} | {k.lower(): v for k, v in self._aliases.items()}
+        if isinstance(name, str) and name.lower() in lowered:
+            return lowered[name.lower()]
+        raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.available())}")
+
+    def get(self, name: str) -> type:
+        return self._classes[self.resolve(name)]
+
+    def accepted_options(self, name: str) -> dict[str, inspect.Parameter]:
+        """The keyword options of a plugin, from its ``__init__`` signature."""
+        cls = self.get(name)
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, tasks
+        return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+    def check_options(self, name: str, options: dict[str, Any]) -> None:
+        """Raise ``TypeError`` naming the bad option and the accepted ones."""
+        cls = self.get(name)
+        accepted = self.accepted_options(name)
+        hints = typing.get_type_hints(cls.__init__)
+        listing = ", ".join(f"{k}: {_describe(hints.get(k, p.annotation))}" for k, p in accepted.items())
+        for key, value in options.items():
+            if key not in accepted:
+                raise TypeError(
+                    f"{self.kind} {self.resolve(name)!r} has no option {key!r}; accepted options: {listing or 'none'}"
+                )
+            annotation = hints.get(key, accepted[key].annotation)
+            if not _matches(value, annotation):
+                raise TypeError(
+                    f"{self.kind} {self.resolve(name)!r}: option {key}={value!r} should be {_describe(annotation)}"
+                )
+
+    def build(self, name: str, tasks: Sequence[str], **options: Any) -> Any:
+        """Instantiate plugin ``name`` for ``tasks`` after checking the options."""
+        tasks = check_tasks(tasks)
+        self.check_options(name, options)
+        return self.get(name)(tasks, **options)
+
+
+STRATEGIES = Registry("strategy")
+ARCHITECTURES = Registry("architecture")
+
+
+def register_strategy(name: str, *, aliases: Sequence[str] = ()) -> Callable[[type[T]], type[T]]:
+    """Register a :class:`~mtl_plugins.strategies.base.Strategy` subclass under ``name``."""
+    return STRATEGIES.register(name, aliases=aliases)
+
+
+def register_architecture(name: str, *, aliases: Sequence[str] = ()) -> Callable[[type[T]], type[T]]:
+    """Register an architecture class (``cls(tasks, **options)``) under ``name``."""
+    return ARCHITECTURES.register(name, aliases=aliases)

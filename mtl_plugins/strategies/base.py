@@ -1,0 +1,184 @@
+"""The strategy protocol: how one batch updates a multi-task model.
+
+``strategy.step(closure, optimizer)`` performs the whole update for one batch and returns the
+per-task losses it observed. ``closure(task=None)`` runs a fresh forward pass on the current batch
+and returns per-task scalar losses (all tasks, or one task through its task-specific path).
+``optimizer`` is a ``torch.optim.Optimizer`` or an :class:`Updater`; trainers pass their own
+:class:`Updater` to add gradient clipping, loss scaling and distributed reduction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Closure = Callable[..., Mapping[str, Tensor]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task loss is NaN or infinite."""
+
+
+class Updater:
+    """Applies updates for a strategy: clear gradients, backward, optimizer step.
+
+    The default drives a plain ``torch.optim.Optimizer``. Trainers subclass it to route backward
+    through accelerate, clip gradients, skip fp16-overflow steps and reduce across processes.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Every parameter the optimizer updates."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self, final: bool = False) -> bool:
+        """One optimizer step; ``final`` marks the batch's last update. Returns False if skipped."""
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        return True
+
+    def reduce_(self, tensors: Sequence[Tensor]) -> None:
+        """Average tensors across processes in place (identity in one process)."""
+
+    def agree(self, value: Any) -> Any:
+        """Return the main process's ``value`` on every process (identity in one process)."""
+        return value
+
+    @property
+    def loss_scale(self) -> float:
+        """Current loss scale of the backward pass (1.0 without fp16 scaling)."""
+        return 1.0
+
+
+def as_updater(optimizer: torch.optim.Optimizer | Updater) -> Updater:
+    return optimizer if isinstance(optimizer, Updater) else Updater(optimizer)
+
+
+def losses_to_floats(losses: Mapping[str, Tensor], tasks: Sequence[str]) -> list[float]:
+    """Read per-task losses to the host in one transfer; raise if any is NaN/inf."""
+    missing = [t for t in tasks if t not in losses]
+    if missing:
+        raise KeyError(f"the closure returned no loss for tasks {missing}; got {sorted(losses)}")
+    values = torch.stack([losses[t].detach().float().reshape(()) for t in tasks]).tolist()
+    bad = [t for t, v in zip(tasks, values) if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLossError(f"non-finite loss for tasks {bad}: {dict(zip(tasks, values))}")
+    return values
+
+
+class Strategy:
+    """Base class of every strategy plugin.
+
+    Subclasses implement :meth:`step`. Attributes named in ``state_attributes`` are saved by
+    :meth:`state_dict` (deep-copied) together with the strategy's RNG.
+    """
+
+    name: str = "strategy"
+    #: True when the strategy takes several optimizer steps per batch.
+    multi_step: bool = False
+    #: True when the strategy calls the closure with a task name (needs task-specific paths).
+    needs_task_forward: bool = False
+    state_attributes: tuple[str, ...] = ("num_steps",)
+
+    def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
+        self.tasks = list(tasks)
+        weights = dict(loss_weights or {})
+        unknown = sorted(set(weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"loss_weights names unknown tasks {unknown}; tasks are {self.tasks}")
+        self.loss_weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_steps = 0
+        self.progress = 0.0
+
+    # -- protocol -------------------------------------------------------------------------
+    def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
+        raise NotImplementedError
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] (epoch e / E or step / total); used by scheduled methods."""
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {progress}")
+        self.progress = float(progress)
+
+    def weighted_loss(self, losses: Mapping[str, Tensor], tasks: Iterable[str] | None = None) -> Tensor:
+        """Sum of ``w_t * L_t`` over ``tasks`` (all tasks by default)."""
+        chosen = list(self.tasks if tasks is None else tasks)
+        return sum(self.loss_weights[t] * losses[t] for t in chosen)  # type: ignore[return-value]
+
+    def log_metrics(self) -> dict[str, float]:
+        """Scalars describing the strategy's current state, for trainer logs."""
+        return {}
+
+    def write_plots(self, out_dir: str | Path) -> list[Path]:
+        """Write PNG plots of the strategy's state over training; returns the files written."""
+        return []
+
+    # -- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: copy.deepcopy(getattr(self, name)) for name in self.state_attributes}
+        state["rng_state"] = self.generator.get_state()
+        state["progress"] = self.progress
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = [n for n in (*self.state_attributes, "rng_state") if n not in state]
+        if missing:
+            raise KeyError(f"{self.name} state is missing {missing}")
+        for name in self.state_attributes:
+            setattr(self, name, copy.deepcopy(state[name]))
+        self.generator.set_state(state["rng_state"])
+        self.progress = float(state.get("progress", 0.0))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tasks={self.tasks})"
+
+
+class WeightingStrategy(Strategy):
+    """A single-step strategy that turns per-task losses into one backward pass.
+
+    Subclasses implement :meth:`weights`; :meth:`backward` follows LibMTL's
+    ``backward(losses, **kwargs)`` contract and returns the weights used.
+    """
+
+    def weights(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor | float]:
+        raise NotImplementedError
+
+    def backward(self, losses: Mapping[str, Tensor] | Tensor, updater: Updater | None = None, **kwargs: Any):
+        """Backward the weighted loss. ``losses`` is a task->loss mapping or a tensor in task order."""
+        if isinstance(losses, Tensor):
+            if losses.shape != (len(self.tasks),):
+                raise ValueError(f"losses tensor must have shape ({len(self.tasks)},), got {tuple(losses.shape)}")
+            losses = dict(zip(self.tasks, losses.unbind()))
+        weights = self.weights(losses)
+        total = sum(weights[t] * losses[t] for t in self.tasks)
+        (updater.backward if updater is not None else Tensor.backward)(total)
+        return [float(weights[t]) for t in self.tasks]
+
+    def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
+        updater = as_updater(optimizer)
+        losses = closure()
+        values = losses_to_floats(losses, self.tasks)
+        updater.zero_grad()
+        self.backward(losses, updater=updater)
+        updater.step(final=True)
+        self.num_steps += 1
+        return dict(zip(self.tasks, values))

@@ -1,0 +1,19 @@
+"""What a task predicts and how it is scored: the link between datasets, heads, losses and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task's kind (``classification``, ``regression`` or a dense kind), its output size, loss and
+    main metric. ``higher_is_better`` refers to ``metric``, which Delta_m uses."""
+
+    kind: str
+    num_outputs: int
+    loss: str
+    metric: str
+    higher_is_better: bool
+    #: Multiplies regression errors to report them in user units (e.g. digit units).
+    metric_scale: float = 1.0
