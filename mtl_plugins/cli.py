@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", choices=("cache", "train", "skip"),
                         help="single-task baselines for Delta_m: cached, retrained, or skipped")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of a configuration error")
     return parser
 
 
@@ -45,7 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .runner import run_recipe
 
-    summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines, progress=not args.no_progress)
+    try:
+        summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines, progress=not args.no_progress)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
+        if args.traceback:
+            raise
+        print(f"mtl-train: error: {error}", file=sys.stderr)
+        print("mtl-train: (run again with --traceback for details)", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
     print(f"outputs written to {args.output_dir or recipe.get('output_dir', 'runs/run')}")
     return 0

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import yaml
+
+from mtl_plugins.cli import main
+from mtl_plugins.config import apply_overrides, list_recipes, load_recipe
+from mtl_plugins.metrics import delta_m
+
+TINY = ["data.train_size=128", "data.eval_size=64", "training.per_device_train_batch_size=32", "training.logging_steps=1"]
+
+
+def test_list_shows_recipes_and_strategies(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart" in out and "ew" in out and "hps" in out
+
+
+def test_overrides_parse_yaml_values():
+    recipe = apply_overrides({"a": {"b": 1}}, ["a.b=2.5", "a.c=[x, y]", "d.e=true"])
+    assert recipe == {"a": {"b": 2.5, "c": ["x", "y"]}, "d": {"e": True}}
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(ValueError, match="not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_unknown_recipe_is_a_clear_error(capsys):
+    assert main(["no-such-recipe"]) == 2
+    assert "unknown recipe 'no-such-recipe'" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        load_recipe("missing.yaml")
+    assert "quickstart" in list_recipes()
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_on_a_tiny_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["quickstart", "strategy={name: ew}", "training.num_train_epochs=2", *TINY]
+    assert main([*args, "--output-dir", str(out), "--no-progress"]) == 0
+    for name in ("config.yaml", "train_log.jsonl", "results.json", "model.safetensors", "loss_curves.png"):
+        assert (out / name).is_file(), name
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["strategy"] == {"name": "ew"} and config["data"]["train_size"] == 128
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    tasks = config["data"]["tasks"]
+    assert records and all(f"loss/{t}" in records[-1] for t in tasks)
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 8
+    assert set(results["test_metrics"]) == {"left/accuracy", "right/accuracy", "left_odd/accuracy", "right_large/accuracy", "sum/mae"}
+    higher = {k: not k.endswith("mae") for k in results["test_metrics"]}
+    assert results["delta_m"] == pytest.approx(delta_m(results["test_metrics"], results["single_task_metrics"], higher))
+    # the single-task baselines are cached: a second run reuses them
+    cached = list((tmp_path / "cache" / "baselines").glob("*.json"))
+    assert len(cached) == 1
+    assert main([*args, "--output-dir", str(tmp_path / "run2"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert again["single_task_metrics"] == results["single_task_metrics"]
+
+
+def test_bad_strategy_option_is_a_clear_error(tmp_path, capsys):
+    code = main(["quickstart", "strategy={name: ew, options: {warmup_steps: 3}}", *TINY, "--baselines", "skip",
+                 "--output-dir", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert "strategy 'ew' has no option 'warmup_steps'" in capsys.readouterr().err

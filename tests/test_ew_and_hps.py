@@ -1,0 +1,114 @@
+import pytest
+import torch
+from torch import nn
+
+import mtl_plugins
+from mtl_plugins.architectures import HPS
+from mtl_plugins.loop import make_closure, train_epoch
+from mtl_plugins.param_groups import parameter_groups
+from mtl_plugins.strategies.base import NonFiniteLossError
+
+TASKS = ["reg", "cls"]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    heads = {"reg": nn.Linear(4, 1), "cls": nn.Linear(4, 3)}
+    return HPS(TASKS, encoder=encoder, heads=heads, losses={"reg": "mse", "cls": "cross_entropy"}, input_name="x")
+
+
+def batch(seed=1, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, 3, generator=g), "reg": torch.randn(n, generator=g), "cls": torch.randint(0, 3, (n,), generator=g)}
+
+
+def test_hps_shapes_losses_and_share_params():
+    model = tiny_model()
+    out = model(**batch())
+    assert out.logits["reg"].shape == (5, 1) and out.logits["cls"].shape == (5, 3)
+    assert set(out.losses) == set(TASKS)
+    assert torch.allclose(out.loss, out.losses["reg"] + out.losses["cls"])
+    share = {id(p) for p in model.get_share_params()}
+    assert share == {id(p) for p in model.encoder.parameters()}
+    only_cls = model(**batch(), task="cls")
+    assert set(only_cls.logits) == {"cls"} and set(only_cls.losses) == {"cls"}
+    assert model(batch()["x"]).losses is None
+
+
+def test_hps_errors_name_the_problem():
+    model = tiny_model()
+    b = batch()
+    with pytest.raises(ValueError, match=r"missing labels for tasks \['cls'\]"):
+        model(x=b["x"], reg=b["reg"])
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        model(**b, task="depth")
+    with pytest.raises(TypeError, match="unexpected inputs \\['depth'\\]"):
+        model(**b, depth=b["reg"])
+    with pytest.raises(ValueError, match=r"no head for tasks \['cls'\]"):
+        HPS(TASKS, encoder=nn.Identity(), heads={"reg": nn.Identity()})
+
+
+def test_ew_step_matches_hand_computed_sgd_update():
+    model = tiny_model()
+    reference = tiny_model()
+    weights = {"reg": 2.0, "cls": 0.5}
+    strategy = mtl_plugins.build_strategy("ew", TASKS, loss_weights=weights)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    b = batch()
+    losses = strategy.step(make_closure(model, b), optimizer)
+
+    out = reference(**b)
+    total = 2.0 * out.losses["reg"] + 0.5 * out.losses["cls"]
+    grads = torch.autograd.grad(total, list(reference.parameters()))
+    for p, p0, g in zip(model.parameters(), reference.parameters(), grads):
+        assert torch.allclose(p, p0 - 0.1 * g, atol=1e-6)
+    assert losses == pytest.approx({t: out.losses[t].item() for t in TASKS})
+
+
+def test_libmtl_backward_contract_with_tensor_losses():
+    model = tiny_model()
+    strategy = mtl_plugins.build_strategy("EW", TASKS, loss_weights={"reg": 3.0})
+    out = model(**batch())
+    weights = strategy.backward(torch.stack([out.losses["reg"], out.losses["cls"]]))
+    assert weights == [3.0, 1.0]
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="shape \\(2,\\)"):
+        strategy.backward(torch.ones(3))
+
+
+def test_non_finite_loss_is_an_error_and_no_step_is_taken():
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    strategy = mtl_plugins.build_strategy("ew", TASKS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure(task=None):
+        losses = dict(model(**batch()).losses)
+        losses["reg"] = losses["reg"] * float("nan")
+        return losses
+
+    with pytest.raises(NonFiniteLossError, match="reg"):
+        strategy.step(closure, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_plain_pytorch_loop_reduces_every_loss():
+    model = tiny_model()
+    strategy = mtl_plugins.build_strategy("ew", TASKS)
+    optimizer = torch.optim.Adam(parameter_groups(model, lr=0.05, lr_ts=2.0))
+    b = batch(n=32)
+    start = {t: v.item() for t, v in model(**b).losses.items()}
+    train_epoch(model, strategy, [b] * 40, optimizer)
+    end = {t: v.item() for t, v in model(**b).losses.items()}
+    assert all(end[t] < 0.7 * start[t] for t in TASKS)
+    assert strategy.num_steps == 40
+
+
+def test_parameter_groups_scale_task_specific_lr():
+    model = tiny_model()
+    groups = parameter_groups(model, lr=0.1, lr_ts=2.0, weight_decay=1e-4)
+    assert [g["lr"] for g in groups] == [0.1, pytest.approx(0.2)]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for h in model.heads.values() for p in h.parameters()}
+    with pytest.raises(ValueError, match="lr_ts"):
+        parameter_groups(model, lr=0.1, lr_ts=0)
