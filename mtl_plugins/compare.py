@@ -1,0 +1,149 @@
+"""``mtl-compare RECIPE [key=value ...] --strategies ew pcgrad cagrad:c=0.5``: one table of strategies.
+
+Runs the recipe once per strategy (same data, model, training options and seed) through
+:func:`mtl_plugins.runner.run_recipe` and prints, per strategy, each task's test metric, Delta_m
+against the single-task baselines, and the training time per batch. A strategy is given as
+``name`` or ``name:key=value,key=value`` (values are YAML). Every name and option is checked before
+anything trains. The table is also written to ``comparison.md`` and ``comparison.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import available_strategies, build_strategy
+from .config import apply_overrides, load_recipe
+from .registry import STRATEGIES
+
+DEFAULT_STRATEGIES = ("ew", "uw", "dwa", "pcgrad", "mgda", "cagrad", "imtl", "nash_mtl")
+
+
+def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"cagrad:c=0.5,rescale=0"`` -> ``("cagrad", {"c": 0.5, "rescale": 0})``."""
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ValueError(f"strategy {spec!r} has no name; write name or name:key=value,...")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"strategy {spec!r}: option {item!r} is not of the form key=value")
+        options[key] = yaml.safe_load(raw)
+    return name, options
+
+
+def prepare(recipe: Mapping[str, Any], specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Check every strategy spec (names, options, optional dependencies) before training; returns
+    ``(label, recipe)`` pairs."""
+    if not specs:
+        raise ValueError("give at least one strategy to compare")
+    available_strategies()  # registers the built-ins
+    labels = [s.strip() for s in specs]
+    duplicates = sorted({s for s in labels if labels.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"strategies listed twice: {duplicates}")
+    tasks = (recipe.get("data") or {}).get("tasks")
+    runs = []
+    for spec in labels:
+        name, options = parse_strategy(spec)
+        canonical = STRATEGIES.resolve(name)
+        STRATEGIES.check_options(canonical, options)
+        if tasks:  # builds it once: raises now if an optional dependency is missing
+            build_strategy(canonical, tasks, **options)
+        runs.append((spec, {**recipe, "strategy": {"name": canonical, "options": options}}))
+    return runs
+
+
+def compare(recipe: Mapping[str, Any], specs: Sequence[str], output_dir: str | Path,
+            baselines: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every strategy; returns one row per strategy (metrics, ``delta_m``, ``ms_per_batch``)."""
+    return run_all(prepare(recipe, specs), output_dir, baselines, progress)
+
+
+def run_all(runs: Sequence[tuple[str, Mapping[str, Any]]], output_dir: str | Path,
+            baselines: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run prepared ``(label, recipe)`` pairs (see :func:`prepare`) into ``output_dir/<label>``."""
+    from .runner import run_recipe
+
+    out = Path(output_dir)
+    mode = baselines or runs[0][1].get("baselines", "cache")
+    rows = []
+    for i, (label, run) in enumerate(runs):
+        folder = out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+        # single-task baselines are trained at most once: later runs read them from the cache
+        summary = run_recipe(run, output_dir=folder, baselines=mode if i == 0 or mode != "train" else "cache",
+                             progress=progress)
+        rows.append({
+            "strategy": label,
+            **summary["test_metrics"],
+            "delta_m": summary.get("delta_m"),
+            "ms_per_batch": 1000.0 * summary["train_seconds"] / max(int(summary["steps"]), 1),
+            "steps": summary["steps"],
+        })
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table: strategy, each metric, Delta_m (%), ms per batch."""
+    metrics = [k for k in rows[0] if "/" in k]
+    header = ["strategy", *metrics, "delta_m (%)", "ms/batch"]
+
+    def cell(value: Any, digits: int) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    body = [[r["strategy"], *(cell(r[m], 4) for m in metrics), cell(r["delta_m"], 2), cell(r["ms_per_batch"], 1)]
+            for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def fmt(line: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(line, widths)) + " |"
+
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl-compare",
+        description="Train a recipe once per strategy and print one comparison table.",
+        epilog="Example: mtl-compare quickstart training.num_train_epochs=1 --strategies ew pcgrad cagrad:c=0.5",
+    )
+    parser.add_argument("recipe", help="bundled recipe name or path to a YAML recipe")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value (values are YAML)")
+    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
+                        help=f"strategies as name or name:key=value,... (default: {' '.join(DEFAULT_STRATEGIES)})")
+    parser.add_argument("--output-dir", default="runs/compare", help="folder for every run and the table")
+    parser.add_argument("--baselines", choices=("cache", "train", "skip"),
+                        help="single-task baselines for Delta_m: cached, retrained once, or skipped")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
+        runs = prepare(recipe, args.strategies)
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
+        print(f"mtl-compare: error: {error}", file=sys.stderr)
+        return 2
+    rows = run_all(runs, args.output_dir, args.baselines, progress=not args.no_progress)
+    table = format_table(rows)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table + "\n")
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    print(f"outputs written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The one place that calls torchjd (optional extra ``baselines``).
+
+torchjd's API changes between minor versions, so every use goes through this module: the supported
+range is checked once, and a missing or incompatible torchjd raises an :class:`ImportError` naming
+the extra to install. Nothing here imports torchjd at module import time.
+
+Weightings take a Gramian ``G = J J^T`` (K x K, float64, CPU) and return K weights; the strategies
+combine the Jacobian rows with them. Random weightings draw from the caller's seed (see
+:func:`seeded`) so that every process and every resumed run draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from importlib import import_module, metadata
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from packaging.specifiers import SpecifierSet
+from torch import Tensor
+
+EXTRA = "baselines"
+INSTALL_HINT = f'pip install "mtl-plugins[{EXTRA}]"'
+SUPPORTED = ">=0.18,<0.19"  # keep in step with the ``baselines`` extra in pyproject.toml
+
+
+def require_torchjd(user: str, submodule: str = "aggregation") -> ModuleType:
+    """Import ``torchjd.<submodule>`` for strategy ``user``, or raise an ImportError naming the extra."""
+    try:
+        module = import_module(f"torchjd.{submodule}")
+    except ImportError as error:
+        raise ImportError(f"strategy {user!r} needs torchjd, which is not installed: {INSTALL_HINT}") from error
+    try:
+        version = metadata.version("torchjd")
+    except metadata.PackageNotFoundError:
+        return module
+    if not SpecifierSet(SUPPORTED).contains(version, prereleases=True):
+        raise ImportError(f"strategy {user!r} supports torchjd {SUPPORTED}, found {version}: {INSTALL_HINT}")
+    return module
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run torchjd's global-RNG draws (CPU, and ``device`` if CUDA) from ``seed``; restore the RNG after."""
+    cuda = device is not None and device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _least_squares_projector() -> Any:
+    from torchjd.linalg import DualConeProjector
+
+    class LeastSquaresProjector(DualConeProjector):
+        """``min_v v^T G v`` s.t. ``v >= u`` as a bounded least-squares problem (scipy, BVLS).
+
+        Used by UPGrad instead of torchjd's default quadprog projector, which needs extra packages.
+        """
+
+        def __call__(self, U: Tensor, G: Tensor) -> Tensor:
+            from scipy.optimize import lsq_linear
+
+            g = G.detach().cpu().double().numpy()
+            g = g / max(np.trace(g), 1e-300)
+            eigenvalues, vectors = np.linalg.eigh(0.5 * (g + g.T))
+            root = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * vectors.T  # root^T root = G
+            u_rows = U.detach().cpu().double().reshape(-1, G.shape[0]).numpy()
+            zeros = np.zeros(G.shape[0])
+            solutions = [
+                lsq_linear(root, zeros, bounds=(u, np.full_like(u, np.inf)), method="bvls", tol=1e-12).x
+                for u in u_rows
+            ]
+            return torch.as_tensor(np.array(solutions), dtype=U.dtype, device=U.device).reshape(U.shape)
+
+    return LeastSquaresProjector()
+
+
+def gramian_weighting(user: str, method: str, num_tasks: int, **options: Any) -> Callable[[Tensor], Tensor]:
+    """torchjd's weighting for ``method`` (pcgrad, mgda, imtl, upgrad, aligned_mtl, gradvac) on a Gramian."""
+    aggregation = require_torchjd(user)
+    if method == "pcgrad":
+        return aggregation.PCGradWeighting()
+    if method == "mgda":
+        return aggregation.MGDAWeighting(**options)
+    if method == "imtl":
+        return aggregation.IMTLGWeighting()
+    if method == "upgrad":
+        return aggregation.UPGradWeighting(projector=_least_squares_projector())
+    if method == "aligned_mtl":
+        pref = torch.full((num_tasks,), float(options.pop("pref", 1.0)), dtype=torch.float64)
+        return aggregation.AlignedMTLWeighting(pref_vector=pref, **options)
+    if method == "gradvac":
+        return aggregation.GradVacWeighting(**options)
+    raise ValueError(f"no torchjd Gramian weighting for {method!r}")
+
+
+def graddrop(user: str) -> Callable[[Tensor], Tensor]:
+    """torchjd's GradDrop aggregator: Jacobian (K x n) -> combined gradient (n)."""
+    return require_torchjd(user).GradDrop()
+
+
+def weighting_state(weighting: Any) -> dict[str, Any]:
+    """The state a stateful torchjd weighting keeps between calls (GradVac's EMA targets)."""
+    phi = getattr(weighting, "_phi_t", None)
+    return {"phi": None if phi is None else phi.clone()}
+
+
+def load_weighting_state(weighting: Any, state: dict[str, Any]) -> None:
+    """Restore :func:`weighting_state` into ``weighting``."""
+    phi = state.get("phi")
+    weighting._phi_t = None if phi is None else phi.clone()
+    weighting._state_key = None if phi is None else (phi.shape[0], phi.dtype)
+
+
+def scalarizer(user: str, method: str, num_tasks: int) -> torch.nn.Module:
+    """torchjd's scalarizer for ``method`` (uw, gls, rlw): losses (K) -> scalar."""
+    scalarization = require_torchjd(user, "scalarization")
+    if method == "uw":
+        return scalarization.UW(num_tasks)
+    if method == "gls":
+        return scalarization.GeometricMean()
+    if method == "rlw":
+        return scalarization.Random()
+    raise ValueError(f"no torchjd scalarizer for {method!r}")

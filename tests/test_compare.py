@@ -1,0 +1,79 @@
+"""The comparison command: option parsing, up-front checks, and the table against the runs' results."""
+
+import json
+import re
+import sys
+
+import pytest
+
+from mtl_plugins import compare
+from mtl_plugins.config import load_recipe
+
+SMALL = ["data.tasks=[left, right]", "data.train_size=96", "data.eval_size=64", "training.max_steps=2",
+         "training.per_device_train_batch_size=32", "model.options.width=4"]
+
+
+def small_recipe():
+    from mtl_plugins.config import apply_overrides
+
+    return apply_overrides(load_recipe("quickstart"), SMALL)
+
+
+def test_parse_strategy_spec():
+    assert compare.parse_strategy("pcgrad") == ("pcgrad", {})
+    assert compare.parse_strategy("cagrad:c=0.5,rescale=0") == ("cagrad", {"c": 0.5, "rescale": 0})
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        compare.parse_strategy("cagrad:c")
+    with pytest.raises(ValueError, match="has no name"):
+        compare.parse_strategy(":c=1")
+
+
+def test_prepare_checks_every_strategy_before_training():
+    recipe = small_recipe()
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        compare.prepare(recipe, ["ew", "nope"])
+    with pytest.raises(TypeError, match="no option 'k'"):
+        compare.prepare(recipe, ["cagrad:k=1"])
+    with pytest.raises(ValueError, match="listed twice"):
+        compare.prepare(recipe, ["ew", "ew"])
+    runs = dict(compare.prepare(recipe, ["DWA", "CAGrad:c=0.5"]))
+    assert runs["DWA"]["strategy"] == {"name": "dwa", "options": {}}
+    assert runs["CAGrad:c=0.5"]["strategy"] == {"name": "cagrad", "options": {"c": 0.5}}
+
+
+def test_missing_extra_stops_before_any_training(monkeypatch, tmp_path, capsys):
+    for module in [m for m in sys.modules if m == "torchjd" or m.startswith("torchjd.")]:
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setitem(sys.modules, "torchjd", None)
+    code = compare.main(["quickstart", *SMALL, "--strategies", "ew", "pcgrad", "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert re.search(r"'pcgrad' needs torchjd.*pip install \"mtl-plugins\[baselines\]\"", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_table_reports_each_runs_metrics_delta_m_and_time(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = compare.main(["quickstart", *SMALL, "--strategies", "ew", "pcgrad", "--baselines", "train",
+                         "--output-dir", str(out), "--no-progress"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["strategy", "left/accuracy", "right/accuracy", "delta_m (%)", "ms/batch"]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"ew", "pcgrad"}
+    saved = json.loads((out / "comparison.json").read_text())
+    for name in ("ew", "pcgrad"):
+        result = json.loads((out / name / "results.json").read_text())
+        assert result["strategy"] == name
+        expected = [f"{result['test_metrics']['left/accuracy']:.4f}", f"{result['test_metrics']['right/accuracy']:.4f}",
+                    f"{result['delta_m']:.2f}", f"{1000 * result['train_seconds'] / result['steps']:.1f}"]
+        assert rows[name][1:] == expected
+        assert next(r for r in saved if r["strategy"] == name)["delta_m"] == result["delta_m"]
+    assert (out / "comparison.md").read_text().splitlines()[0] == lines[0]
+
+
+def test_table_without_baselines_shows_no_delta_m():
+    rows = [{"strategy": "ew", "t/accuracy": 0.5, "delta_m": None, "ms_per_batch": 12.345, "steps": 2}]
+    table = compare.format_table(rows).splitlines()
+    assert [c.strip() for c in table[2].strip("|").split("|")] == ["ew", "0.5000", "n/a", "12.3"]
