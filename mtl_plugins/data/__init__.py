@@ -44,7 +44,14 @@ def build_data(name: str, **options: Any) -> DataBundle:
 
 
 #: Modules whose import registers the built-in dataset builders (imported on first use).
-BUILTIN_MODULES = ("multidigits",)
+BUILTIN_MODULES = (
+    "multidigits",
+    "drug_reviews",
+    "dense.nyud",
+    "dense.pascal_context",
+    "dense.taskonomy",
+    "dense.cityscapes",
+)
 
 
 def available_datasets() -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any
 from ..tasks import TaskSpec
 from .classification import TaskMetric
 from .delta_m import delta_m
+from .dense import DENSE_KINDS, dense_metric
 
 #: Task kind -> factory ``factory(spec)`` of a streaming metric with ``update(logits, target)`` and
 #: ``compute() -> float`` (the spec's main metric).
@@ -15,6 +16,7 @@ METRIC_FACTORIES: dict[str, Callable[[TaskSpec], Any]] = {
     "classification": lambda spec: TaskMetric("classification"),
     "regression": lambda spec: TaskMetric("regression", scale=spec.metric_scale),
 }
+METRIC_FACTORIES.update({kind: (lambda spec: dense_metric(spec.kind, spec.num_outputs, spec.metric)) for kind in DENSE_KINDS})
 
 
 def task_metric(spec: TaskSpec) -> Any:
@@ -24,4 +26,4 @@ def task_metric(spec: TaskSpec) -> Any:
     return METRIC_FACTORIES[spec.kind](spec)
 
 
-__all__ = ["METRIC_FACTORIES", "TaskMetric", "delta_m", "task_metric"]
+__all__ = ["DENSE_KINDS", "METRIC_FACTORIES", "TaskMetric", "delta_m", "dense_metric", "task_metric"]
