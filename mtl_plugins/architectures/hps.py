@@ -12,6 +12,11 @@ from torch import Tensor, nn
 from ..losses import LossFn, get_loss
 from ..outputs import MultiTaskOutput
 from ..registry import register_architecture
+from .task_connections import (
+    active_task,
+    has_task_connections,
+    task_connection_parameters,
+)
 
 
 @register_architecture("hps", aliases=("HPS",))
@@ -57,11 +62,11 @@ class HPS(nn.Module):
 
     def task_specific_parameters(self, task: str) -> list[nn.Parameter]:
         """Parameters that only ``task`` uses: its head and its encoder connections, if any."""
-        params = list(self.heads[task].parameters())
+        params = list(self.heads[task].parameters()) + task_connection_parameters(self.encoder, task)
         task_params = getattr(self.encoder, "task_specific_parameters", None)
         if callable(task_params):
             params += list(task_params(task))
-        return params
+        return list({id(p): p for p in params}.values())
 
     def zero_grad_share_params(self) -> None:
         for p in self.get_share_params():
@@ -69,8 +74,6 @@ class HPS(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def _task_context(self, task: str):
-        from .task_connections import active_task, has_task_connections
-
         return active_task(self.encoder, task) if has_task_connections(self.encoder) else nullcontext()
 
     def _split_inputs(self, x: Any, labels: Mapping[str, Tensor] | None, kwargs: dict[str, Any]):
@@ -94,12 +97,7 @@ class HPS(nn.Module):
             raise ValueError(f"unknown task {task!r}; tasks are {self.tasks}")
         run = [task] if task is not None else self.tasks
         logits: dict[str, Tensor] = {}
-        try:
-            from .task_connections import has_task_connections
-
-            per_task_encoder = has_task_connections(self.encoder)
-        except ImportError:
-            per_task_encoder = False
+        per_task_encoder = has_task_connections(self.encoder)
         shared = None if per_task_encoder else self.encoder(x)
         for t in run:
             if per_task_encoder:

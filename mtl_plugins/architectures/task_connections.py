@@ -1,0 +1,353 @@
+"""Task-specific connections (Jeong & Yoon, CVPR 2024): per-task normalisations after shared layers.
+
+:func:`add_task_connections` converts a backbone in place. Every BatchNorm fed directly by a
+convolution or linear layer becomes one BatchNorm per task (:class:`TaskBatchNorm`), each a copy of
+the original; the feeding weight layer is found structurally, from the data flow of one forward pass
+on an example input. :func:`active_task` routes every connection to one task; a converted module
+used outside it raises an error.
+
+Transformer backbones (LayerNorm and Linear, no BatchNorm) get this project's own extension, not part
+of the paper: a per-task channel scale and shift after every shared ``nn.Linear``
+(:class:`TaskScaleShift`, identity at initialisation), whose connection strength is
+``gamma_{tau,p}^2 * sum_q W[p, q]^2``.
+
+Connection strength of output channel ``p`` of weight ``W`` for task ``tau`` (BatchNorm case)::
+
+    S_p^tau = gamma_{tau,p}^2 / (running_var_{tau,p} + 1e-5) * sum_{q,m,n} W[p, q, m, n]^2
+
+normalised over channels per task; the top-priority task of channel ``p`` is the argmax over tasks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..registry import check_tasks, register_architecture
+
+#: The ``eps`` of the connection-strength formula (the spec's constant, whatever the BatchNorm's eps).
+STRENGTH_EPS = 1e-5
+#: Weight layers whose output channels (dim 0 of the weight) a connection can follow.
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+Mode = Literal["auto", "batchnorm", "scale_shift"]
+
+
+class TaskConnection(nn.Module):
+    """Base of task-specific connections: per-task parameters on the output channels of ``source``.
+
+    ``source`` (the shared weight layer) is kept as a plain reference, not a submodule, so it stays
+    registered where it was. ``active`` is the task the connection currently routes to.
+    """
+
+    def __init__(self, tasks: Sequence[str], source: nn.Module, layer_name: str):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.layer_name = layer_name
+        self.__dict__["source"] = source
+        self.active: str | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.source.weight.shape[0])
+
+    def current_task(self) -> str:
+        if self.active is None:
+            raise RuntimeError(
+                f"task-specific connection {self.layer_name!r} used outside active_task(): run the model "
+                f"with a task (model(x, task=...)) or inside `with active_task(model, task):`; tasks: {self.tasks}"
+            )
+        return self.active
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """The parameters that only ``task`` uses."""
+        raise NotImplementedError
+
+    def strength_factors(self) -> Tensor:
+        """Per-task channel factors ``[K, C]`` multiplying ``sum_q W[p, q]^2`` (tasks in ``self.tasks`` order)."""
+        raise NotImplementedError
+
+
+class TaskBatchNorm(TaskConnection):
+    """One BatchNorm per task (``norms[task]``), each initialised as a copy of the original."""
+
+    def __init__(self, norm: _BatchNorm, tasks: Sequence[str], source: nn.Module, layer_name: str = ""):
+        super().__init__(tasks, source, layer_name)
+        self.norms = nn.ModuleDict({t: copy.deepcopy(norm) for t in self.tasks})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norms[self.current_task()](x)
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return list(self.norms[task].parameters())
+
+    def strength_factors(self) -> Tensor:
+        """``gamma^2 / (running_var + eps)``; gamma is 1 without affine, the variance term 1 without running stats."""
+        rows = []
+        device = self.source.weight.device
+        for t in self.tasks:
+            norm = self.norms[t]
+            gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones(norm.num_features, device=device)
+            factor = gamma**2
+            if norm.running_var is not None:
+                factor = factor / (norm.running_var.detach().float() + STRENGTH_EPS)
+            rows.append(factor)
+        return torch.stack(rows)
+
+
+class TaskScaleShift(TaskConnection):
+    """Per-task channel scale and shift on the output of a shared Linear (this project's extension).
+
+    Attached to the Linear as its child ``task_connection`` and applied by a forward hook, so the
+    Linear keeps its place and parameter names. Scale starts at 1 and shift at 0 (identity).
+    """
+
+    def __init__(self, tasks: Sequence[str], source: nn.Linear, layer_name: str = ""):
+        super().__init__(tasks, source, layer_name)
+        weight = source.weight
+        self.scale = nn.ParameterDict({t: nn.Parameter(torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)) for t in self.tasks})
+        self.shift = nn.ParameterDict({t: nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)) for t in self.tasks})
+
+    def forward(self, x: Tensor) -> Tensor:
+        task = self.current_task()
+        return x * self.scale[task] + self.shift[task]
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [self.scale[task], self.shift[task]]
+
+    def strength_factors(self) -> Tensor:
+        """``gamma^2`` (the per-task scale squared)."""
+        return torch.stack([self.scale[t].detach().float() ** 2 for t in self.tasks])
+
+
+def _apply_task_connection(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    return module.task_connection(output)
+
+
+# -- finding the weight layer that feeds each BatchNorm ----------------------------------------------
+
+
+def _example_input(module: nn.Module) -> Tensor:
+    """A small input for ``module``'s first weight layer: ``[2, C_in, 64, 64]`` for a Conv2d, etc."""
+    first = next((m for m in module.modules() if isinstance(m, WEIGHT_LAYERS)), None)
+    if first is None:
+        raise ValueError(f"{type(module).__name__} has no convolution or linear layer to infer an example input from")
+    weight = first.weight
+    if isinstance(first, nn.Linear):
+        shape: tuple[int, ...] = (2, first.in_features)
+    else:
+        spatial = weight.dim() - 2
+        shape = (2, first.in_channels, *((16,) * 3 if spatial == 3 else (64,) * spatial))
+    return torch.randn(shape, dtype=weight.dtype, device=weight.device)
+
+
+def _run(module: nn.Module, example_input: Any) -> None:
+    if isinstance(example_input, dict):
+        module(**example_input)
+    elif isinstance(example_input, (tuple, list)):
+        module(*example_input)
+    else:
+        module(example_input)
+
+
+def trace_feeding_layers(module: nn.Module, example_input: Any = None) -> dict[_BatchNorm, nn.Module]:
+    """Map each BatchNorm of ``module`` to the conv/linear layer whose output it normalises directly.
+
+    Runs one forward pass (eval mode, no grad) on ``example_input`` (inferred from the first weight
+    layer when omitted) and follows the tensors: a BatchNorm is paired with a weight layer only when
+    every call receives that layer's output unchanged (no op, in-place or not, in between).
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    if example_input is None:
+        example_input = _example_input(module)
+    producers: dict[int, tuple[nn.Module, int]] = {}
+    keep: list[Tensor] = []  # keeps traced tensors alive so their ids stay unique
+    feeders: dict[nn.Module, list[nn.Module | None]] = {}
+
+    def after(mod: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            known = producers.get(id(output))
+            if known is None or known[1] != output._version:  # new tensor, or modified in place
+                producers[id(output)] = (mod, output._version)
+            keep.append(output)
+
+    def before(norm: nn.Module, inputs: Any) -> None:
+        x = inputs[0] if inputs else None
+        known = producers.get(id(x)) if isinstance(x, Tensor) else None
+        feeders.setdefault(norm, []).append(known[0] if known and known[1] == x._version else None)
+
+    modes = {m: m.training for m in module.modules()}
+    handles = [m.register_forward_hook(after) for m in module.modules()]
+    handles += [n.register_forward_pre_hook(before) for n in norms]
+    try:
+        module.eval()
+        with torch.no_grad():
+            _run(module, example_input)
+    except Exception as error:
+        shape = tuple(example_input.shape) if isinstance(example_input, Tensor) else type(example_input).__name__
+        raise RuntimeError(
+            f"add_task_connections runs one forward pass to find which layer feeds each BatchNorm; it failed "
+            f"on an example input {shape}: {error}. Pass example_input= with a valid input for "
+            f"{type(module).__name__}"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.train(training)
+    pairs: dict[_BatchNorm, nn.Module] = {}
+    for norm, sources in feeders.items():
+        source = sources[0]
+        direct = source is not None and all(s is source for s in sources) and isinstance(source, WEIGHT_LAYERS)
+        if direct and source.weight.shape[0] == norm.num_features:
+            pairs[norm] = source  # type: ignore[index]
+    return pairs
+
+
+# -- conversion ------------------------------------------------------------------------------------
+
+
+def _check_task_names(tasks: Sequence[str]) -> list[str]:
+    tasks = check_tasks(tasks)
+    bad = [t for t in tasks if "." in t]
+    if bad:
+        raise ValueError(f"task names used as module keys cannot contain '.': {bad}")
+    return tasks
+
+
+def _replace_modules(root: nn.Module, replacements: dict[nn.Module, nn.Module]) -> None:
+    for parent in list(root.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child in replacements:
+                setattr(parent, child_name, replacements[child])
+
+
+def add_task_connections(module: nn.Module, tasks: Sequence[str], *, mode: Mode = "auto", example_input: Any = None) -> nn.Module:
+    """Convert ``module`` in place to task-specific connections and return it.
+
+    ``mode="batchnorm"`` converts every BatchNorm fed directly by a conv/linear layer into a
+    :class:`TaskBatchNorm` (found with :func:`trace_feeding_layers` on ``example_input``; other
+    BatchNorms stay shared). ``mode="scale_shift"`` adds a :class:`TaskScaleShift` after every
+    ``nn.Linear`` (the transformer extension). ``"auto"`` picks ``batchnorm`` when the module has a
+    BatchNorm, ``scale_shift`` otherwise.
+    """
+    tasks = _check_task_names(tasks)
+    if mode not in ("auto", "batchnorm", "scale_shift"):
+        raise ValueError(f"mode must be 'auto', 'batchnorm' or 'scale_shift', got {mode!r}")
+    if has_task_connections(module):
+        raise ValueError(f"{type(module).__name__} already has task-specific connections")
+    if mode == "auto":
+        mode = "batchnorm" if any(isinstance(m, _BatchNorm) for m in module.modules()) else "scale_shift"
+    names = {m: n for n, m in module.named_modules()}
+    if mode == "batchnorm":
+        pairs = trace_feeding_layers(module, example_input)
+        if not pairs:
+            raise ValueError(f"{type(module).__name__} has no BatchNorm fed directly by a convolution or linear layer")
+        fed: dict[nn.Module, nn.Module] = {}
+        for norm, source in pairs.items():
+            if source in fed:
+                raise ValueError(f"layer {names[source]!r} feeds two BatchNorms ({names[fed[source]]!r}, {names[norm]!r}): "
+                                 "its channels would have two priorities")
+            fed[source] = norm
+        _replace_modules(module, {n: TaskBatchNorm(n, tasks, s, names[n]) for n, s in pairs.items()})
+    else:
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"{type(module).__name__} has no nn.Linear layer to add per-task scale and shift to")
+        for linear in linears:
+            linear.task_connection = TaskScaleShift(tasks, linear, names[linear])
+            linear.register_forward_hook(_apply_task_connection)
+    return module
+
+
+def task_connections(module: nn.Module) -> list[TaskConnection]:
+    """Every task-specific connection inside ``module``, in module order."""
+    return [m for m in module.modules() if isinstance(m, TaskConnection)]
+
+
+def has_task_connections(module: nn.Module) -> bool:
+    """True if ``module`` contains task-specific connections."""
+    return any(isinstance(m, TaskConnection) for m in module.modules())
+
+
+def task_connection_parameters(module: nn.Module, task: str) -> list[nn.Parameter]:
+    """The parameters of ``module``'s connections that only ``task`` uses."""
+    return [p for c in task_connections(module) for p in c.task_parameters(task)]
+
+
+@contextmanager
+def active_task(module: nn.Module, task: str) -> Iterator[nn.Module]:
+    """Route every task-specific connection of ``module`` to ``task`` inside the ``with`` block."""
+    connections = task_connections(module)
+    if not connections:
+        raise ValueError(f"{type(module).__name__} has no task-specific connections")
+    for connection in connections:
+        if task not in connection.tasks:
+            raise ValueError(f"unknown task {task!r} for connection {connection.layer_name!r}; tasks: {connection.tasks}")
+    previous = [c.active for c in connections]
+    for connection in connections:
+        connection.active = task
+    try:
+        yield module
+    finally:
+        for connection, before in zip(connections, previous):
+            connection.active = before
+
+
+# -- connection strength -----------------------------------------------------------------------------
+
+
+@dataclass
+class ConnectedLayer:
+    """A shared weight layer followed by a task-specific connection."""
+
+    name: str
+    weight: nn.Parameter
+    connection: TaskConnection
+
+
+def connected_layers(model: nn.Module) -> list[ConnectedLayer]:
+    """The shared weight layers of ``model`` that have task-specific connections, named as in ``model``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [ConnectedLayer(names.get(id(c.source), c.layer_name), c.source.weight, c) for c in task_connections(model)]
+
+
+def normalized_strength(weight: Tensor, factors: Tensor) -> Tensor:
+    """``S^_p^tau``: per-task strengths ``factors[tau, p] * sum_q W[p, q]^2``, normalised over channels."""
+    squares = weight.detach().float().pow(2).reshape(weight.shape[0], -1).sum(1)
+    strength = factors.to(squares.device) * squares
+    total = strength.sum(1, keepdim=True)
+    return torch.where(total > 0, strength / torch.where(total > 0, total, 1.0), 0.0)
+
+
+def layer_strength(layer: ConnectedLayer, tasks: Sequence[str] | None = None) -> Tensor:
+    """The ``K x C`` normalised connection strengths of one layer, rows in ``tasks`` order."""
+    strength = normalized_strength(layer.weight, layer.connection.strength_factors())
+    if tasks is None:
+        return strength
+    order = [layer.connection.tasks.index(t) for t in tasks]
+    return strength[order]
+
+
+@register_architecture("task_connections", aliases=("TaskConnections",))
+class TaskConnections:
+    """Architecture plugin: ``build_architecture("task_connections", tasks, model=m)`` converts ``m``
+    in place (its ``encoder`` for hard-parameter-sharing models with ``encoder`` and ``heads``, else the
+    whole model) with :func:`add_task_connections` and returns ``m`` itself."""
+
+    def __new__(cls, tasks: Sequence[str], **options: Any) -> nn.Module:  # type: ignore[misc]
+        model = options.pop("model", None)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"task_connections converts a model: pass model=<nn.Module>, got {model!r}")
+        target = model.encoder if hasattr(model, "encoder") and hasattr(model, "heads") else model
+        add_task_connections(target, tasks, **options)
+        return model
+
+    def __init__(self, tasks: Sequence[str], *, model: nn.Module, mode: Mode = "auto", example_input: Any = None):
+        """The options: the model to convert, the conversion ``mode`` and an ``example_input`` to trace."""

@@ -1,0 +1,289 @@
+"""Connection strength-based optimization (Jeong & Yoon, CVPR 2024): learn, then keep, task priority.
+
+Phase 1 (learn priority) updates the tasks one at a time. Phase 2 (keep priority) takes per-task
+gradients and, in every shared layer with task-specific connections, projects each task's gradient
+off the top-priority task's gradient on that task's channel group when they conflict; every other
+parameter gets the plain sum. The model must have task-specific connections
+(:mod:`mtl_plugins.architectures.task_connections`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..architectures.task_connections import (
+    ConnectedLayer,
+    connected_layers,
+    layer_strength,
+)
+from ..registry import register_strategy
+from .base import Closure, Strategy, Updater, as_updater, losses_to_floats
+
+Schedule = Literal["mixed", "phase1", "phase2", "sequential"]
+
+
+def combine_task_gradients(grads: Tensor, strength: Tensor) -> Tensor:
+    """Phase-2 gradient of one connected layer from per-task gradients ``grads`` ``[K, C, ...]``.
+
+    ``strength`` ``[K, C]`` gives each channel's top-priority task ``nu(p) = argmax_tau``. On the
+    channel group ``CG_i = {p : nu(p) = i}``, every task ``j != i`` whose gradient conflicts with task
+    ``i``'s (negative inner product over the group) is projected:
+    ``G_j <- G_j - <G_i, G_j> / ||G_i||^2 G_i``; the result is the sum over tasks. No projection when
+    all channels share one top task, nor on a group where ``G_i`` is zero.
+    """
+    num_tasks, channels = grads.shape[:2]
+    if strength.shape != (num_tasks, channels):
+        raise ValueError(f"strength must have shape {(num_tasks, channels)}, got {tuple(strength.shape)}")
+    flat = grads.reshape(num_tasks, channels, -1)
+    return combine_flat(flat, strength.argmax(0)).reshape(grads.shape[1:])
+
+
+def combine_flat(grads: Tensor, top: Tensor) -> Tensor:
+    """:func:`combine_task_gradients` on gradients flattened to ``[K, C, D]``, given each channel's top
+    task ``top`` ``[C]``; vectorised over channels (a loop over tasks only), returns ``[C, D]``."""
+    num_tasks, channels, _ = grads.shape
+    work = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
+    top = top.to(work.device)
+    rows = top * channels + torch.arange(channels, device=work.device)
+    main = work.reshape(num_tasks * channels, -1).index_select(0, rows)  # G_nu(p) on row p: [C, D]
+    row_dots = torch.stack([(work[k] * main).sum(1) for k in range(num_tasks)])  # <G_k[p], G_nu(p)[p]>: [K, C]
+    groups = F.one_hot(top, num_tasks).to(work.dtype)  # [C, K]
+    dots = groups.T @ row_dots.T  # dots[i, j] = <G_i, G_j> over the channel group CG_i
+    norms = dots.diagonal()
+    others = ~torch.eye(num_tasks, dtype=torch.bool, device=work.device)
+    project = (dots < 0) & (norms > 0)[:, None] & others & (top != top[0]).any()
+    coefficients = torch.where(project, dots / torch.where(norms > 0, norms, 1.0)[:, None], 0.0)
+    # sum_j G_j' = sum_j G_j - (sum_j c[nu(p), j]) G_nu(p)
+    combined = work.sum(0).sub_(main.mul_(coefficients.sum(1)[top][:, None]))
+    return combined.to(grads.dtype)
+
+
+def priority_shares(strength: Tensor) -> Tensor:
+    """Share of channels whose top-priority task is each task (``[K]``, sums to 1)."""
+    num_tasks, channels = strength.shape
+    return torch.bincount(strength.argmax(0), minlength=num_tasks).float() / channels
+
+
+@register_strategy("conn_strength", aliases=("ConnStrength",))
+class ConnectionStrength(Strategy):
+    """Two-phase optimization with task priority measured by connection strength.
+
+    ``schedule``: ``"mixed"`` draws ``P ~ U(0, 1)`` and runs Phase 1 if ``P >= progress`` else
+    Phase 2 (progress ``e/E`` or ``step/total`` from :meth:`set_progress`); ``"phase1"`` or
+    ``"phase2"`` only; ``"sequential"``: Phase 1 while ``progress < switch_point``, then Phase 2.
+    ``draw``: ``"batch"`` draws for every batch; ``"epoch"`` draws once per epoch, the epoch coming
+    from ``set_progress(progress, epoch=e)`` or, when the caller gives none, from
+    ``floor(progress * epochs)``.
+    """
+
+    needs_task_forward = True
+    state_attributes = ("num_steps", "last_phase", "phase_counts", "timeline", "epoch", "drawn_epoch", "epoch_phase")
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        model: nn.Module | None = None,
+        schedule: Schedule = "mixed",
+        switch_point: float = 0.5,
+        draw: Literal["batch", "epoch"] = "batch",
+        epochs: int | None = None,
+        max_timeline: int = 500,
+        loss_weights: Mapping[str, float] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(tasks, loss_weights=loss_weights, seed=seed)
+        if schedule not in ("mixed", "phase1", "phase2", "sequential"):
+            raise ValueError(f"schedule must be 'mixed', 'phase1', 'phase2' or 'sequential', got {schedule!r}")
+        if draw not in ("batch", "epoch"):
+            raise ValueError(f"draw must be 'batch' or 'epoch', got {draw!r}")
+        if not 0.0 <= switch_point <= 1.0:
+            raise ValueError(f"switch_point must be in [0, 1], got {switch_point}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be a positive number of epochs, got {epochs}")
+        if max_timeline < 2:
+            raise ValueError(f"max_timeline must be at least 2, got {max_timeline}")
+        if not isinstance(model, nn.Module):
+            raise TypeError("conn_strength needs the model: build_strategy('conn_strength', tasks, model=model)")
+        self.layers: list[ConnectedLayer] = connected_layers(model)
+        if not self.layers:
+            raise ValueError("conn_strength needs a model with task-specific connections: convert it with "
+                             "add_task_connections() or the recipe option model.architecture=task_connections")
+        for layer in self.layers:
+            if set(layer.connection.tasks) != set(self.tasks):
+                raise ValueError(f"layer {layer.name!r} has connections for tasks {layer.connection.tasks}, "
+                                 f"the strategy has tasks {self.tasks}")
+        self.model = model
+        self.schedule, self.switch_point, self.draw, self.epochs = schedule, float(switch_point), draw, epochs
+        self.max_timeline = max_timeline
+        self.multi_step = schedule != "phase2"
+        self.last_phase: int | None = None
+        self.phase_counts = [0, 0]
+        self.timeline: list[dict[str, Any]] = []
+        self.epoch: int | None = None
+        self.drawn_epoch: int | None = None
+        self.epoch_phase: int | None = None
+
+    # -- schedule ------------------------------------------------------------------------------
+    def set_progress(self, progress: float, epoch: int | None = None) -> None:
+        """Training progress in [0, 1] and, optionally, the current 0-based epoch (for ``draw="epoch"``)."""
+        super().set_progress(progress)
+        if epoch is not None:
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+            self.epoch = epoch
+        elif self.epochs is not None:
+            self.epoch = min(math.floor(self.progress * self.epochs + 1e-9), self.epochs - 1)
+        else:
+            self.epoch = None
+
+    def _draw(self, updater: Updater | None) -> int:
+        value = float(torch.rand((), generator=self.generator))
+        phase = 1 if value >= self.progress else 2
+        return int(updater.agree(phase)) if updater is not None else phase
+
+    def choose_phase(self, updater: Updater | None = None) -> int:
+        """The phase of the next batch (1 or 2), agreed by all processes; sets ``last_phase``."""
+        if self.schedule in ("phase1", "phase2"):
+            phase = 1 if self.schedule == "phase1" else 2
+        elif self.schedule == "sequential":
+            phase = 1 if self.progress < self.switch_point else 2
+        elif self.draw == "batch":
+            phase = self._draw(updater)
+        else:
+            if self.epoch is None:
+                raise ValueError("draw='epoch' needs the current epoch: call set_progress(progress, epoch=e) "
+                                 "or give the strategy option epochs=<number of epochs>")
+            if self.epoch != self.drawn_epoch:
+                self.epoch_phase, self.drawn_epoch = self._draw(updater), self.epoch
+            phase = int(self.epoch_phase)  # type: ignore[arg-type]
+        self.last_phase = phase
+        return phase
+
+    # -- update ----------------------------------------------------------------------------------
+    def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
+        updater = as_updater(optimizer)
+        phase = self.choose_phase(updater)
+        values = self._phase1(closure, updater) if phase == 1 else self._phase2(closure, updater)
+        self.num_steps += 1
+        self.phase_counts[phase - 1] += 1
+        return dict(zip(self.tasks, values))
+
+    def _task_loss(self, closure: Closure, task: str) -> Tensor:
+        losses = closure(task)
+        if task not in losses:
+            raise KeyError(f"closure(task={task!r}) returned no loss for {task!r}; got {sorted(losses)}")
+        return losses[task]
+
+    def _phase1(self, closure: Closure, updater: Updater) -> list[float]:
+        """One forward, backward and optimizer step per task, in task order."""
+        values = []
+        for k, task in enumerate(self.tasks):
+            updater.zero_grad()
+            loss = self._task_loss(closure, task)
+            values += losses_to_floats({task: loss}, [task])
+            updater.backward(self.loss_weights[task] * loss)
+            updater.step(final=k == len(self.tasks) - 1)
+        return values
+
+    def _phase2(self, closure: Closure, updater: Updater) -> list[float]:
+        """K task backwards; connected layers' gradients kept per task, the rest summed; one step."""
+        num_tasks = len(self.tasks)
+        per_task: list[Tensor | None] = [None] * len(self.layers)  # [K, C, D] per connected layer
+        losses: dict[str, Tensor] = {}
+        updater.zero_grad()
+        for k, task in enumerate(self.tasks):
+            loss = self._task_loss(closure, task)
+            losses[task] = loss.detach()
+            updater.backward(self.loss_weights[task] * loss)
+            for i, layer in enumerate(self.layers):
+                grad = layer.weight.grad
+                if grad is None:
+                    continue
+                if per_task[i] is None:
+                    per_task[i] = grad.new_zeros((num_tasks, grad.shape[0], grad[0].numel()))
+                per_task[i][k].copy_(grad.reshape(grad.shape[0], -1))  # type: ignore[index]
+                grad.zero_()
+        values = losses_to_floats(losses, self.tasks)
+        with torch.no_grad():
+            for layer, grads in zip(self.layers, per_task):
+                if grads is not None:
+                    top = layer_strength(layer, self.tasks).argmax(0)
+                    layer.weight.grad.copy_(combine_flat(grads, top).view_as(layer.weight))  # type: ignore[union-attr]
+        updater.step(final=True)
+        return values
+
+    # -- observables -------------------------------------------------------------------------------
+    def connection_strength(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """Per connected layer, the ``K x C`` normalised connection strengths (rows in task order)."""
+        layers = self.layers if model is None or model is self.model else connected_layers(model)
+        return {layer.name: layer_strength(layer, self.tasks) for layer in layers}
+
+    def priority(self) -> dict[str, list[float]]:
+        """Per connected layer, the share of channels whose top-priority task is each task."""
+        return {name: priority_shares(s).tolist() for name, s in self.connection_strength().items()}
+
+    def _overall(self, shares: Mapping[str, Sequence[float]]) -> list[float]:
+        channels = {layer.name: layer.weight.shape[0] for layer in self.layers}
+        total = sum(channels.values())
+        return [sum(shares[n][k] * channels[n] for n in shares) / total for k in range(len(self.tasks))]
+
+    def _record(self, shares: Mapping[str, Sequence[float]]) -> None:
+        if self.timeline and self.timeline[-1]["step"] == self.num_steps:
+            self.timeline.pop()
+        self.timeline.append({"step": self.num_steps, "overall": self._overall(shares), "layers": dict(shares)})
+        if len(self.timeline) > self.max_timeline:  # thin out, keeping the latest point
+            self.timeline = self.timeline[::-1][::2][::-1]
+
+    def log_metrics(self) -> dict[str, float]:
+        """Phase, Phase-2 fraction and priority shares (overall and per layer); recorded in ``timeline``."""
+        shares = self.priority()
+        self._record(shares)
+        metrics: dict[str, float] = {}
+        if self.last_phase is not None:
+            metrics["phase"] = float(self.last_phase)
+            metrics["phase2_fraction"] = self.phase_counts[1] / max(1, sum(self.phase_counts))
+        for task, share in zip(self.tasks, self.timeline[-1]["overall"]):
+            metrics[f"priority/{task}"] = share
+        for name, values in shares.items():
+            for task, share in zip(self.tasks, values):
+                metrics[f"priority/{name}/{task}"] = share
+        return metrics
+
+    def write_plots(self, out_dir: str | Path) -> list[Path]:
+        """``conn_strength_priority.png``: priority shares over training and per layer at the end."""
+        from ..plots import _pyplot
+
+        self._record(self.priority())
+        plt = _pyplot()
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2 + 0.12 * len(self.layers)))
+        steps = [point["step"] for point in self.timeline]
+        for k, task in enumerate(self.tasks):
+            left.plot(steps, [point["overall"][k] for point in self.timeline], label=task, marker="." if len(steps) < 30 else None)
+        left.set_xlabel("step")
+        left.set_ylabel("share of channels (top-priority task)")
+        left.set_title("task priority, all connected layers")
+        left.legend(fontsize=7)
+        final = self.timeline[-1]["layers"]
+        names = list(final)
+        start = [0.0] * len(names)
+        for k, task in enumerate(self.tasks):
+            widths = [final[n][k] for n in names]
+            right.barh(range(len(names)), widths, left=start, label=task)
+            start = [s + w for s, w in zip(start, widths)]
+        right.set_yticks(range(len(names)), names, fontsize=6)
+        right.invert_yaxis()
+        right.set_xlabel("share of channels")
+        right.set_title(f"priority per layer at step {self.timeline[-1]['step']}")
+        fig.tight_layout()
+        path = Path(out_dir) / "conn_strength_priority.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]

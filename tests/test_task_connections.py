@@ -1,0 +1,246 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mtl_plugins
+from mtl_plugins.architectures.task_connections import (
+    TaskBatchNorm,
+    TaskScaleShift,
+    active_task,
+    add_task_connections,
+    connected_layers,
+    has_task_connections,
+    layer_strength,
+    task_connections,
+)
+
+TASKS = ["a", "b", "c"]
+
+
+class Residual(nn.Module):
+    """conv->BN (converted), conv->inplace ReLU->BN and add->BN (both stay shared), linear->BN1d (converted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.bn_after_relu = nn.BatchNorm2d(4)
+        self.bn_after_add = nn.BatchNorm2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 6)
+        self.bn_fc = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x))
+        h = self.bn_after_relu(self.relu(self.conv2(h)))
+        h = self.bn_after_add(h + x[:, :1])
+        return self.bn_fc(self.fc(self.pool(h).flatten(1)))
+
+
+def randomize_norms(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data = torch.randn(m.num_features, generator=g)
+            m.bias.data = torch.randn(m.num_features, generator=g)
+            m.running_mean = torch.randn(m.num_features, generator=g)
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+            m.num_batches_tracked.fill_(7)
+
+
+def test_plain_cnn_pairs_norms_with_the_layer_feeding_them():
+    torch.manual_seed(0)
+    model = Residual()
+    randomize_norms(model)
+    original = copy.deepcopy(model)
+    assert add_task_connections(model, TASKS) is model
+    assert isinstance(model.bn1, TaskBatchNorm) and model.bn1.source is model.conv1
+    assert isinstance(model.bn_fc, TaskBatchNorm) and model.bn_fc.source is model.fc
+    # an in-place op or an addition in between: not fed directly by a weight layer, stays shared
+    assert type(model.bn_after_relu) is nn.BatchNorm2d and type(model.bn_after_add) is nn.BatchNorm2d
+    assert [layer.name for layer in connected_layers(model)] == ["conv1", "fc"]
+    for task in TASKS:  # every per-task norm is a copy of the original (parameters and running stats)
+        for key, value in original.bn1.state_dict().items():
+            assert torch.equal(model.bn1.norms[task].state_dict()[key], value)
+    assert len({id(model.bn1.norms[t].weight) for t in TASKS}) == len(TASKS)  # independent copies
+    x = torch.randn(5, 3, 6, 6)
+    model.eval(), original.eval()
+    for task in TASKS:
+        with active_task(model, task):
+            assert torch.allclose(model(x), original(x))
+
+
+def test_tasks_are_routed_to_their_own_norms():
+    torch.manual_seed(0)
+    model = add_task_connections(Residual(), TASKS).eval()
+    x = torch.randn(4, 3, 6, 6)
+    with active_task(model, "a"):
+        before_a = model(x)
+    with active_task(model, "b"):
+        before_b = model(x)
+    with torch.no_grad():
+        model.bn1.norms["b"].weight.mul_(3.0)
+    with active_task(model, "a"):
+        assert torch.equal(model(x), before_a)
+    with active_task(model, "b"):
+        assert not torch.allclose(model(x), before_b)
+
+
+def test_using_a_converted_module_outside_active_task_is_an_error():
+    model = add_task_connections(Residual(), TASKS)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=r"'bn1' used outside active_task\(\)"):
+        model(x)
+    with pytest.raises(ValueError, match="unknown task 'z'"), active_task(model, "z"):
+        pass
+    with active_task(model, "a"):
+        with active_task(model, "b"):
+            assert {c.active for c in task_connections(model)} == {"b"}
+        assert {c.active for c in task_connections(model)} == {"a"}
+    assert {c.active for c in task_connections(model)} == {None}
+    with pytest.raises(ValueError, match="already has task-specific connections"):
+        add_task_connections(model, TASKS)
+
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+    with pytest.raises(ValueError, match="cannot contain '.'"):
+        add_task_connections(Residual(), ["a.b", "c"])
+    with pytest.raises(ValueError, match="no BatchNorm fed directly"):
+        add_task_connections(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2)), TASKS)
+    with pytest.raises(RuntimeError, match="example_input="):
+        add_task_connections(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(5, 1)), TASKS)
+    converted = add_task_connections(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 1)), TASKS,
+        example_input=torch.randn(2, 1, 4, 4))
+    assert isinstance(converted[1], TaskBatchNorm)
+    with pytest.raises(TypeError, match="no option 'colour'"):
+        mtl_plugins.build_architecture("task_connections", TASKS, model=Residual(), colour=1)
+
+
+def test_connection_strength_follows_the_formula():
+    torch.manual_seed(0)
+    model = add_task_connections(Residual(), TASKS)
+    randomize_norms(model, seed=3)
+    layer = connected_layers(model)[0]
+    strength = layer_strength(layer, ["c", "a", "b"]).double()
+    w = model.conv1.weight.detach().double()
+    for row, task in enumerate(["c", "a", "b"]):
+        norm = model.bn1.norms[task]
+        raw = [norm.weight[p].double() ** 2 / (norm.running_var[p].double() + 1e-5) * (w[p] ** 2).sum() for p in range(4)]
+        expected = torch.stack(raw) / sum(raw)
+        assert torch.allclose(strength[row], expected, rtol=1e-5)
+
+
+def test_transformers_resnet_converts_every_norm_and_keeps_outputs():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], layer_type="bottleneck",
+                                       out_features=["stage1", "stage2"])
+    for cls in (transformers.ResNetModel, transformers.ResNetBackbone):
+        torch.manual_seed(0)
+        model = cls(config)
+        randomize_norms(model)
+        original = copy.deepcopy(model).eval()
+        norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        add_task_connections(model, TASKS)
+        model.eval()
+        converted = {n: m for n, m in model.named_modules() if isinstance(m, TaskBatchNorm)}
+        assert sorted(converted) == sorted(norms)  # in a ResNet every BatchNorm follows a convolution
+        modules = dict(model.named_modules())
+        for name, connection in converted.items():  # the conv of the same ResNetConvLayer/ShortCut
+            assert connection.source is modules[name.rsplit(".", 1)[0] + ".convolution"]
+        x = torch.randn(2, 3, 32, 32)
+        reference = original(x)
+        with active_task(model, "b"):
+            output = model(x)
+        key = "last_hidden_state" if cls is transformers.ResNetModel else "feature_maps"
+        assert torch.allclose(torch.as_tensor(output[key][-1] if key == "feature_maps" else output[key]),
+                              torch.as_tensor(reference[key][-1] if key == "feature_maps" else reference[key]), atol=1e-5)
+
+
+def digits_hps():
+    from mtl_plugins.data.multidigits import TASKS as SPECS
+    from mtl_plugins.models import multidigits_cnn
+
+    torch.manual_seed(0)
+    return multidigits_cnn(["left", "right", "sum"], SPECS, width=4, hidden=8)
+
+
+def test_architecture_plugin_composes_with_hps():
+    model = digits_hps()
+    tasks = model.tasks
+    assert mtl_plugins.build_architecture("task_connections", tasks, model=model) is model
+    assert has_task_connections(model.encoder) and len(connected_layers(model)) == 3
+    shared = {id(p) for p in model.get_share_params()}
+    for task in tasks:
+        own = {id(p) for c in task_connections(model) for p in c.task_parameters(task)}
+        assert own and not own & shared
+        assert own <= {id(p) for p in model.task_specific_parameters(task)}
+    conv_ids = {id(layer.weight) for layer in connected_layers(model)}
+    assert conv_ids <= shared
+    x = torch.randn(6, 1, 12, 20)
+    labels = {"left": torch.randint(0, 10, (6,)), "right": torch.randint(0, 10, (6,)), "sum": torch.rand(6)}
+    model.eval()
+    everything = model(x, **labels)
+    with torch.no_grad():
+        model.encoder[0][1].norms["right"].bias.add_(1.0)
+    after = model(x, **labels)
+    assert torch.equal(after.logits["left"], everything.logits["left"])
+    assert not torch.allclose(after.logits["right"], everything.logits["right"])
+    only = model(x, task="sum", **labels)
+    assert set(only.losses) == {"sum"} and torch.allclose(only.losses["sum"], after.losses["sum"])
+
+
+def test_safetensors_round_trip_keeps_the_per_task_connections(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    model = digits_hps()
+    mtl_plugins.build_architecture("task_connections", model.tasks, model=model)
+    randomize_norms(model, seed=5)
+    save_model(model, str(tmp_path / "model.safetensors"))
+    fresh = digits_hps()
+    torch.manual_seed(123)
+    for p in fresh.parameters():
+        p.data.normal_()
+    mtl_plugins.build_architecture("task_connections", fresh.tasks, model=fresh)
+    load_model(fresh, str(tmp_path / "model.safetensors"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name
+    model.eval(), fresh.eval()
+    x = torch.randn(3, 1, 12, 20)
+    for task in model.tasks:
+        assert torch.equal(model(x, task=task).logits[task], fresh(x, task=task).logits[task])
+    with pytest.raises(RuntimeError):
+        load_model(digits_hps(), str(tmp_path / "model.safetensors"))  # an unconverted model lacks the keys
+
+
+def test_scale_shift_extension_for_transformer_backbones():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=12, max_position_embeddings=8)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    original = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    add_task_connections(model, TASKS, example_input=None)
+    layers = connected_layers(model)
+    assert [layer.name for layer in layers] == names
+    assert all(isinstance(layer.connection, TaskScaleShift) for layer in layers)
+    ids = torch.randint(0, 30, (2, 5))
+    with pytest.raises(RuntimeError, match="outside active_task"):
+        model(ids)
+    with active_task(model, "a"):  # identity at initialisation
+        assert torch.allclose(model(ids).last_hidden_state, original(ids).last_hidden_state, atol=1e-6)
+    dense = model.encoder.layer[0].intermediate.dense
+    with torch.no_grad():
+        dense.task_connection.scale["c"].copy_(torch.linspace(0.5, 2.0, 12))
+    with active_task(model, "a"):
+        assert torch.allclose(model(ids).last_hidden_state, original(ids).last_hidden_state, atol=1e-6)
+    with active_task(model, "c"):
+        assert not torch.allclose(model(ids).last_hidden_state, original(ids).last_hidden_state, atol=1e-3)
+    layer = next(layer for layer in layers if layer.weight is dense.weight)
+    raw = torch.linspace(0.5, 2.0, 12) ** 2 * (dense.weight.detach() ** 2).sum(1)
+    assert torch.allclose(layer_strength(layer, ["c"])[0], raw / raw.sum(), rtol=1e-5)
