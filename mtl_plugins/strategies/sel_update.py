@@ -1,0 +1,287 @@
+"""Selective task group updates (Jeong & Yoon, ICLR 2025).
+
+Every batch is used for several sequential updates, one per task group. The groups come from the
+proximal inter-task affinity ``A`` (row = source task whose group was updated, column = target task
+whose loss was measured), an EMA of how much each group step lowered every task's loss on the
+batch, clustered by affinity propagation (:mod:`mtl_plugins.grouping`).
+
+Non-finite losses: the batch's losses are read once, at its end; if any is NaN or infinite,
+:class:`NonFiniteLossError` is raised before the affinity, groups, history or counters change (the
+batch's optimizer steps have already been applied, so training must resume from a checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..grouping import Grouping, choose_groups
+from ..registry import register_strategy
+from .base import Closure, NonFiniteLossError, Strategy, Updater, as_updater
+
+logger = logging.getLogger(__name__)
+
+
+def update_affinity(affinity: Tensor, before: Sequence[float], after: Sequence[float], group: Sequence[int],
+                    decay: float) -> None:
+    """EMA update (in place) of the rows of ``group`` for one group step that moved the losses
+    from ``before`` to ``after``, with the sign rules of the proximal inter-task affinity."""
+    prev = torch.tensor(before, dtype=torch.float64)
+    post = torch.tensor(after, dtype=torch.float64)
+    valid = prev > 0  # a non-positive loss is no baseline
+    ratio = torch.where(valid, (1 - post / torch.where(valid, prev, 1.0)) / len(group), 0.0)
+    in_group = torch.zeros_like(valid)
+    in_group[list(group)] = True
+    for s in group:
+        r_s = ratio[s]
+        inside = torch.where(ratio * r_s >= 0, ratio, -torch.maximum(ratio, r_s))
+        value = torch.where(in_group, inside, ratio)
+        update = valid & (~in_group | valid[s])
+        value[s] = r_s
+        update[s] = valid[s] & (r_s >= 0)
+        row = affinity[s]
+        affinity[s] = torch.where(update, (1 - decay) * row + decay * value, row)
+
+
+@register_strategy("sel_update")
+class SelectiveGroupUpdate(Strategy):
+    """Sequential updates of affinity-based task groups on every batch.
+
+    Options: ``affinity_decay`` (EMA rate beta), ``warmup_steps`` (singleton groups while the batch
+    counter read before increment is ``<= warmup_steps``), ``attribution`` (``"paper"``: a group's
+    own step is credited to its rows; ``"reference"``: the released code's crediting of the previous
+    step to the current group), ``measure_last`` (paper mode: one extra no-grad forward pass to
+    measure the last group's step), ``group_loss_norm`` (divide a group's loss by its size),
+    ``preference`` (affinity-propagation preference, ``None`` = median), ``history_window``
+    (number of per-batch records kept in :attr:`history`).
+
+    Observable state: :attr:`affinity` (K x K float64, task order as given), :attr:`groups` (the
+    latest batch's partition), :attr:`history` (the last ``history_window`` batches, each a dict with
+    ``step`` (batch counter before increment), ``order`` (groups in update order; a single group
+    twice), ``losses`` (per forward pass, the per-task losses in task order; one more with
+    ``measure_last``), ``applied`` (whether each optimizer step was applied) and ``affinity``).
+
+    The updater's ``zero_grad`` must set gradients to ``None``: parameters outside the current group
+    then receive no gradient and torch optimizers (Adam's momentum and weight decay included) leave
+    them untouched. The extra forward pass of ``measure_last`` runs in the model's current (training)
+    mode, like the others, so it also updates BatchNorm running statistics.
+    """
+
+    multi_step = True
+    state_attributes = ("num_steps", "affinity", "groups", "history", "group_count_changes",
+                        "clustering_failures", "grouping_note", "last_loss_decrease")
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        affinity_decay: float = 0.001,
+        warmup_steps: int = 100,
+        attribution: Literal["paper", "reference"] = "paper",
+        measure_last: bool = False,
+        group_loss_norm: bool = False,
+        preference: float | None = None,
+        history_window: int = 1000,
+        loss_weights: Mapping[str, float] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(tasks, loss_weights=loss_weights, seed=seed)
+        if not 0 < affinity_decay <= 1:
+            raise ValueError(f"affinity_decay must be in (0, 1], got {affinity_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if attribution not in ("paper", "reference"):
+            raise ValueError(f"attribution must be 'paper' or 'reference', got {attribution!r}")
+        if measure_last and attribution == "reference":
+            raise ValueError("measure_last applies to attribution='paper' only "
+                             "(the released code measures no last step)")
+        if history_window < 1:
+            raise ValueError(f"history_window must be >= 1, got {history_window}")
+        if preference is not None and not math.isfinite(preference):
+            raise ValueError(f"preference must be finite or None, got {preference}")
+        bad = {t: w for t, w in self.loss_weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"sel_update needs positive loss weights, got {bad}")
+        self.affinity_decay = float(affinity_decay)
+        self.warmup_steps = int(warmup_steps)
+        self.attribution = attribution
+        self.measure_last = bool(measure_last)
+        self.group_loss_norm = bool(group_loss_norm)
+        self.preference = None if preference is None else float(preference)
+        self.history_window = int(history_window)
+        k = len(self.tasks)
+        #: K x K float64: row = source task (its group was updated), column = target task.
+        self.affinity = torch.zeros(k, k, dtype=torch.float64)
+        #: Groups of the latest batch (singletons before and during warm-up).
+        self.groups: list[list[str]] = [[t] for t in self.tasks]
+        #: Per-batch records: step, order, losses (per forward pass, task order), applied, affinity.
+        self.history: deque[dict[str, Any]] = deque(maxlen=self.history_window)
+        #: (step, number of groups) each time the number of groups changes.
+        self.group_count_changes: list[tuple[int, int]] = []
+        self.clustering_failures = 0
+        self.grouping_note = ""
+        #: Per task: decrease of its loss over its own group's latest measured step.
+        self.last_loss_decrease: dict[str, float] = {}
+
+    # -- one batch ------------------------------------------------------------------------------
+    def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
+        """One batch: a forward pass and an optimizer step per group, in a random group order, then
+        the affinity update from the losses read once. Returns the losses of the first forward pass."""
+        updater = as_updater(optimizer)
+        step = self.num_steps
+        # The first forward pass does not depend on the groups; on an accelerator it runs while the
+        # host clusters.
+        losses = closure()
+        grouping = self._choose_groups(warmup=step <= self.warmup_steps)
+        groups = grouping.groups
+        order = [groups[i] for i in torch.randperm(len(groups), generator=self.generator).tolist()]
+        if len(order) == 1:
+            order = order * 2  # a single group is updated twice, as in the released code
+        groups, order = updater.agree((groups, order))
+
+        passes: list[Tensor] = []
+        applied: list[bool] = []
+        for j, group in enumerate(order):
+            if j > 0:
+                losses = closure()
+            passes.append(self._loss_vector(losses))
+            updater.zero_grad()
+            self._check_cleared(updater)
+            loss = self.weighted_loss(losses, group)
+            if self.group_loss_norm:
+                loss = loss / len(group)
+            updater.backward(loss)
+            applied.append(bool(updater.step(final=j == len(order) - 1 and not self.measure_last)))
+        if self.measure_last:
+            with torch.no_grad():
+                passes.append(self._loss_vector(closure()))
+        values = torch.stack(passes)
+        updater.reduce_([values])
+        rows: list[list[float]] = values.tolist()  # the batch's one host synchronisation
+        self._check_finite(rows, order, step)
+
+        index = {t: i for i, t in enumerate(self.tasks)}
+        for before, after, group in self._measurements(rows, order, applied):
+            update_affinity(self.affinity, before, after, [index[t] for t in group], self.affinity_decay)
+        self._commit(step, groups, order, rows, applied, grouping)
+        return dict(zip(self.tasks, rows[0]))
+
+    def _choose_groups(self, warmup: bool) -> Grouping:
+        if warmup:
+            return Grouping([[t] for t in self.tasks])
+        random_state = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+        return choose_groups(self.affinity, self.tasks, self.groups, preference=self.preference,
+                             random_state=random_state)
+
+    def _measurements(self, rows: list[list[float]], order: list[list[str]], applied: list[bool]):
+        """(losses before, losses after, credited group) for each measured group step."""
+        if self.attribution == "paper":
+            return [(rows[j], rows[j + 1], order[j]) for j in range(len(rows) - 1) if applied[j]]
+        return [(rows[j - 1], rows[j], order[j]) for j in range(1, len(order)) if applied[j - 1]]
+
+    def _commit(self, step: int, groups: list[list[str]], order: list[list[str]], rows: list[list[float]],
+                applied: list[bool], grouping: Grouping) -> None:
+        if grouping.kept_previous:
+            self.clustering_failures += 1
+            if grouping.reason != self.grouping_note:
+                logger.warning("sel_update step %d: keeping the previous groups %s: %s", step, groups, grouping.reason)
+        self.grouping_note = grouping.reason
+        self.groups = [list(g) for g in groups]
+        self.history.append({"step": step, "order": [list(g) for g in order], "losses": rows, "applied": applied,
+                             "affinity": self.affinity.clone()})
+        if not self.group_count_changes or self.group_count_changes[-1][1] != len(groups):
+            self.group_count_changes.append((step, len(groups)))
+        index = {t: i for i, t in enumerate(self.tasks)}
+        for j in range(min(len(order), len(rows) - 1)):
+            if applied[j]:
+                for t in order[j]:
+                    self.last_loss_decrease[t] = rows[j][index[t]] - rows[j + 1][index[t]]
+        self.num_steps += 1
+
+    def _loss_vector(self, losses: Mapping[str, Tensor]) -> Tensor:
+        missing = [t for t in self.tasks if t not in losses]
+        if missing:
+            raise KeyError(f"the closure returned no loss for tasks {missing}; got {sorted(losses)}")
+        return torch.stack([losses[t].detach().reshape(()).float() for t in self.tasks])
+
+    @staticmethod
+    def _check_cleared(updater: Updater) -> None:
+        if any(p.grad is not None for p in updater.params):
+            raise RuntimeError("sel_update needs zero_grad() to set gradients to None: zero-filled gradients let "
+                               "Adam's momentum and weight decay move the parameters of tasks outside the group")
+
+    def _check_finite(self, rows: list[list[float]], order: list[list[str]], step: int) -> None:
+        for j, row in enumerate(rows):
+            bad = [t for t, v in zip(self.tasks, row) if not math.isfinite(v)]
+            if bad:
+                where = f"before updating group {order[j]}" if j < len(order) else "after the last group step"
+                raise NonFiniteLossError(f"sel_update step {step}: non-finite loss for tasks {bad} in forward pass {j} "
+                                         f"({where}): {dict(zip(self.tasks, row))}; the affinity was not updated")
+
+    # -- reporting ------------------------------------------------------------------------------
+    def log_metrics(self) -> dict[str, float]:
+        """Number of groups, each task's group index, the affinity entries and the loss decreases."""
+        metrics: dict[str, float] = {"num_groups": float(len(self.groups)),
+                                     "clustering_failures": float(self.clustering_failures)}
+        for i, group in enumerate(self.groups):
+            for t in group:
+                metrics[f"group/{t}"] = float(i)
+        for i, s in enumerate(self.tasks):
+            for j, t in enumerate(self.tasks):
+                metrics[f"affinity/{s}->{t}"] = float(self.affinity[i, j])
+        metrics.update({f"loss_decrease/{t}": v for t, v in self.last_loss_decrease.items()})
+        return metrics
+
+    def group_count_series(self) -> tuple[list[int], list[int]]:
+        """(steps, number of groups) as a step function over every batch so far."""
+        steps: list[int] = []
+        counts: list[int] = []
+        changes = self.group_count_changes
+        for i, (start, count) in enumerate(changes):
+            end = changes[i + 1][0] - 1 if i + 1 < len(changes) else self.num_steps - 1
+            steps += [start, end]
+            counts += [count, count]
+        return steps, counts
+
+    def write_plots(self, out_dir: str | Path) -> list[Path]:
+        """``sel_update_affinity.png`` (heatmap) and ``sel_update_num_groups.png`` (timeline)."""
+        from ..plots import plot_heatmap, plot_series
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        heatmap = plot_heatmap(self.affinity.numpy(), self.tasks, out / "sel_update_affinity.png",
+                               title=f"Inter-task affinity ({self.num_steps} batches)",
+                               xlabel="target task (loss measured)", ylabel="source task (group updated)")
+        steps, counts = self.group_count_series()
+        timeline = plot_series(steps, {"groups": counts}, out / "sel_update_num_groups.png",
+                               title="Number of task groups", ylabel="groups")
+        return [heatmap, timeline]
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Affinity, groups, counters, history window and RNG (plain containers: loads with weights_only)."""
+        state = super().state_dict()
+        state["history"] = list(state["history"])
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        affinity = state.get("affinity")
+        k = len(self.tasks)
+        if not isinstance(affinity, Tensor) or tuple(affinity.shape) != (k, k):
+            shape = tuple(affinity.shape) if isinstance(affinity, Tensor) else type(affinity).__name__
+            raise ValueError(f"sel_update state has affinity {shape}, expected a {k} x {k} tensor "
+                             f"for tasks {self.tasks}")
+        grouped = sorted(t for g in state.get("groups", []) for t in g)
+        if grouped != sorted(self.tasks):
+            raise ValueError(f"sel_update state has groups {state.get('groups')}, which do not partition "
+                             f"tasks {self.tasks}")
+        super().load_state_dict(state)
+        self.affinity = self.affinity.to(torch.float64)
+        self.history = deque(self.history, maxlen=self.history_window)
