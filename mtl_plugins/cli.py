@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"mtl-train: error: {error}", file=sys.stderr)
         return 2
-    from .runner import run_recipe
+    from .runner import is_main_process, run_recipe
 
     try:
         summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines, progress=not args.no_progress)
@@ -54,9 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mtl-train: error: {error}", file=sys.stderr)
         print("mtl-train: (run again with --traceback for details)", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
-    print(f"outputs written to {args.output_dir or recipe.get('output_dir', 'runs/run')}")
+    finally:
+        _end_distributed()
+    if is_main_process():
+        print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
+        print(f"outputs written to {args.output_dir or recipe.get('output_dir', 'runs/run')}")
     return 0
+
+
+def _end_distributed() -> None:
+    """Close the process group of a distributed launch (torchrun, accelerate launch) before exiting."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,10 +16,8 @@ import yaml
 
 from . import build_architecture, build_strategy
 from .data import DataBundle, build_data
-from .loop import train_epoch
 from .metrics import delta_m, task_metric
 from .models import build_model as build_recipe_model
-from .param_groups import parameter_groups
 from .plots import plot_loss_curves
 from .registry import STRATEGIES
 
@@ -32,6 +31,13 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "lr_ts": 1.0,
     "seed": 0,
     "logging_steps": 10,
+    # As in the released configs: Adam, no gradient clipping; a constant learning rate unless the
+    # recipe sets ``lr_scheduler_type`` (e.g. ``polynomial``). ``optim: adam`` is torch.optim.Adam;
+    # any other value is a TrainingArguments ``optim`` name.
+    "optim": "adam",
+    "max_grad_norm": 0.0,
+    "lr_scheduler_type": "constant",
+    "save_strategy": "no",
 }
 
 
@@ -41,10 +47,17 @@ def cache_dir() -> Path:
 
 
 def training_options(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's ``training`` section over the defaults; keys are MultiTaskTrainingArguments names."""
+    from dataclasses import fields
+
+    from .trainers import MultiTaskTrainingArguments
+
     options = dict(TRAINING_DEFAULTS)
-    unknown = sorted(set(recipe.get("training", {})) - set(options))
+    accepted = (set(options) | {f.name for f in fields(MultiTaskTrainingArguments)}) - {"output_dir"}
+    unknown = sorted(set(recipe.get("training", {})) - accepted)
     if unknown:
-        raise ValueError(f"unknown training options {unknown}; accepted: {sorted(options)}")
+        raise ValueError(f"unknown training options {unknown}; accepted: the TrainingArguments names, e.g. "
+                         f"{sorted(options)}")
     options.update(recipe.get("training", {}))
     return options
 
@@ -93,64 +106,64 @@ def higher_is_better(data: DataBundle) -> dict[str, bool]:
     return {f"{t}/{spec.metric}": spec.higher_is_better for t, spec in data.task_specs.items()}
 
 
-def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None = None) -> dict[str, Any]:
-    """Train the recipe's model with its strategy; returns model, strategy, test metrics, log records."""
+def is_main_process() -> bool:
+    """False on every process but the first of a distributed launch (torchrun, accelerate launch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress: bool):
+    """MultiTaskTrainingArguments from training options, and the optimizer override for ``optim: adam``."""
+    from .trainers import MultiTaskTrainingArguments
+
+    options = {k: v for k, v in opts.items() if k != "optim"}
+    if opts.get("optim", "adam") != "adam":
+        options["optim"] = opts["optim"]
+    options.setdefault("use_cpu", not torch.cuda.is_available())
+    options.setdefault("report_to", "none")
+    args = MultiTaskTrainingArguments(output_dir=str(output_dir), disable_tqdm=not progress, **options)
+    optimizer = None
+    if opts.get("optim", "adam") == "adam":
+        optimizer = (torch.optim.Adam, {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})
+    return args, optimizer
+
+
+def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None = None,
+        output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train the recipe's model with its strategy through :class:`~mtl_plugins.trainers.MultiTaskTrainer`;
+    returns model, strategy, test metrics and log records. Trainer checkpoints, when the recipe's
+    ``training.save_strategy`` asks for them, go to ``<output_dir>/checkpoints``."""
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .trainers import LogRecorder, LossProgress, MultiTaskTrainer, make_compute_metrics
+
     opts = training_options(recipe)
-    torch.manual_seed(int(opts["seed"]))
+    set_seed(int(opts["seed"]))
     data = build_datasets(recipe)
-    tasks, train = data.tasks, data.train
+    tasks = data.tasks
     model = build_model(recipe, data)
     strategy = make_strategy(recipe, tasks, model)
-    optimizer = torch.optim.Adam(
-        parameter_groups(model, float(opts["learning_rate"]), float(opts["lr_ts"]), float(opts["weight_decay"]))
-    )
-    batch_size = int(opts["per_device_train_batch_size"])
-    epochs = int(opts["num_train_epochs"])
-    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
-    total = steps_per_epoch * epochs if int(opts["max_steps"]) < 0 else int(opts["max_steps"])
-    generator = torch.Generator().manual_seed(int(opts["seed"]))
-    records: list[dict[str, float]] = []
-    log_file = open(log_path, "w") if log_path else None
-    bar = _progress_bar(total, strategy.name, enabled=progress)
-    step, started = 0, time.perf_counter()
-    try:
-        while step < total:
-            order = torch.randperm(len(train), generator=generator).tolist()
-            batches = (train[order[i : i + batch_size]] for i in range(0, len(order), batch_size))
-
-            def limited():
-                nonlocal step
-                for batch in batches:
-                    if step >= total:
-                        return
-                    strategy.set_progress(step / total)
-                    yield batch
-                    step += 1
-
-            def on_step(losses: dict[str, float]) -> None:
-                bar.update(1)
-                if step % int(opts["logging_steps"]) == 0 or step == total - 1:
-                    record = {"step": step + 1, **{f"loss/{t}": v for t, v in losses.items()}, **strategy.log_metrics()}
-                    records.append(record)
-                    bar.set_postfix(loss=f"{sum(losses.values()):.3f}")
-                    if log_file:
-                        log_file.write(json.dumps(record) + "\n")
-
-            train_epoch(model, strategy, limited(), optimizer, on_step=on_step)
-    finally:
-        bar.close()
-        if log_file:
-            log_file.close()
+    out = Path(output_dir or recipe.get("output_dir", "runs/run"))
+    args, optimizer = trainer_arguments(opts, out / "checkpoints", progress)
+    recorder = LogRecorder(log_path if is_main_process() else None)
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                               strategy=strategy, tasks=tasks, callbacks=[recorder], optimizer_cls_and_kwargs=optimizer,
+                               compute_metrics=make_compute_metrics(data.task_specs, tasks=tasks))
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossProgress)
+    else:
+        trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train()
     seconds = time.perf_counter() - started
-    metrics = evaluate(model, data, int(opts["per_device_eval_batch_size"]))
-    return {"model": model, "strategy": strategy, "metrics": metrics, "records": records, "data": data,
-            "train_seconds": seconds, "steps": total}
-
-
-def _progress_bar(total: int, label: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"train [{label}]", disable=not enabled, leave=False, dynamic_ncols=True)
+    if is_main_process():
+        with contextlib.suppress(OSError):  # the Trainer creates it even when it saves nothing
+            (out / "checkpoints").rmdir()
+    results = trainer.evaluate(metric_key_prefix="test")
+    metrics = {name: results[f"test_{name}"] for name in (f"{t}/{data.task_specs[t].metric}" for t in tasks)}
+    return {"model": model, "strategy": trainer.strategy, "metrics": metrics, "records": recorder.records,
+            "data": data, "train_seconds": seconds, "steps": trainer.state.global_step}
 
 
 def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode: str, progress: bool) -> dict[str, float] | None:
@@ -164,24 +177,32 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "baselines" / f"{key}.json"
     cached = json.loads(path.read_text()) if path.exists() and mode == "cache" else {}
+    trained = False
     for task in tasks:
         if any(name.startswith(f"{task}/") for name in cached):
             continue
         single = {**recipe, "data": {**recipe.get("data", {}), "tasks": [task]}, "strategy": {"name": "ew"},
                   "model": key_source["model"]}
         cached.update(fit(single, progress=progress)["metrics"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cached, indent=2))
+        trained = True
+    if trained and is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=2))
     return {k: v for k, v in cached.items() if k.split("/")[0] in tasks}
 
 
 def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, baselines: str | None = None,
                progress: bool = True) -> dict[str, Any]:
-    """Run a recipe and write its outputs; returns the summary written to ``results.json``."""
+    """Run a recipe and write its outputs; returns the summary written to ``results.json``.
+
+    Under a distributed launch every process trains and only the main process writes outputs.
+    """
     out = Path(output_dir or recipe.get("output_dir", "runs/run"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(dict(recipe), sort_keys=False))
-    result = fit(recipe, progress=progress, log_path=out / "train_log.jsonl")
+    main = is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(dict(recipe), sort_keys=False))
+    result = fit(recipe, progress=progress, log_path=out / "train_log.jsonl", output_dir=out)
     data, metrics = result["data"], result["metrics"]
     tasks = data.tasks
     summary: dict[str, Any] = {
@@ -195,6 +216,8 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
     if reference is not None:
         summary["single_task_metrics"] = reference
         summary["delta_m"] = delta_m(metrics, reference, higher_is_better(data))
+    if not main:
+        return summary
     from safetensors.torch import save_model
 
     save_model(result["model"], str(out / "model.safetensors"))

@@ -1,0 +1,362 @@
+"""MultiTaskTrainer: every strategy through transformers.Trainer, inner steps, accumulation, logging,
+evaluation, mixed precision and refusals (single process, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mtl_plugins
+from ddp_worker import SPECS, TASKS, TwoStep, ddp_args, make_strategy, setup, vector_data, vector_model
+from mtl_plugins.strategies.base import NonFiniteLossError, Strategy, as_updater
+from mtl_plugins.trainers import (
+    AcceleratedUpdater,
+    MultiTaskTrainer,
+    MultiTaskTrainingArguments,
+    make_compute_metrics,
+)
+
+
+def make_args(tmp_path, batch_size=8, steps=4, **overrides) -> MultiTaskTrainingArguments:
+    return ddp_args(str(tmp_path / "out"), batch_size, steps, **overrides)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def batches(data, batch_size):
+    """The training batches in dataset order (what train_sampling_strategy='sequential' gives)."""
+    for start in range(0, len(data), batch_size):
+        rows = data[start : start + batch_size]
+        yield {k: v for k, v in rows.items() if k != "id"}
+
+
+# -- every registered strategy --------------------------------------------------------------------
+@pytest.mark.parametrize("name", mtl_plugins.available_strategies())
+def test_every_registered_strategy_trains_through_the_trainer(tmp_path, name):
+    model, data, tasks = setup(name)
+    before = snapshot(model)
+    trainer = MultiTaskTrainer(model=model, args=make_args(tmp_path, steps=3, logging_steps=1, learning_rate=0.05),
+                               train_dataset=data, strategy=make_strategy(name, model, tasks), tasks=tasks)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert trainer.lr_scheduler.last_epoch == 3  # the scheduler advanced once per batch
+    after = snapshot(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2, 3]
+    for entry in logs:
+        assert all(math.isfinite(entry[f"loss/{t}"]) for t in tasks)
+    assert set(trainer.strategy.log_metrics()) <= set(logs[-1])
+
+
+# -- inner steps and the deferred final step ------------------------------------------------------
+def reference_two_step(data, batch_size, lr, lr_ts, max_norm):
+    """Plain PyTorch: per batch, one forward/backward/clip/AdamW step per task, in task order."""
+    model = vector_model()
+    shared = list(model.encoder.parameters())
+    heads = list(model.heads.parameters())
+    optimizer = torch.optim.AdamW([{"params": shared, "lr": lr}, {"params": heads, "lr": lr * lr_ts}], weight_decay=0.0)
+    for batch in batches(data, batch_size):
+        for task in TASKS:
+            optimizer.zero_grad(set_to_none=True)
+            model(**batch)["losses"][task].backward()
+            torch.nn.utils.clip_grad_norm_(shared + heads, max_norm)
+            optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("measure_last", [False, True])
+def test_inner_steps_and_final_step_equal_a_plain_loop(tmp_path, measure_last):
+    data = vector_data(32)
+    model = vector_model()
+    strategy = TwoStep(TASKS, measure_last=measure_last)
+    args = make_args(tmp_path, batch_size=8, steps=4, optim="adamw_torch", weight_decay=0.0, learning_rate=0.01,
+                     lr_ts=3.0, max_grad_norm=0.5, train_sampling_strategy="sequential")
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=strategy)
+    trainer.train()
+    expected = reference_two_step(data, 8, 0.01, 3.0, 0.5)
+    torch.testing.assert_close(snapshot(model), snapshot(expected))
+    # per batch: two optimizer steps of the shared parameters, one of each head, one scheduler step
+    assert {int(trainer.optimizer.state[p]["step"]) for p in model.encoder.parameters()} == {8}
+    assert {int(trainer.optimizer.state[p]["step"]) for p in model.heads.parameters()} == {4}
+    assert trainer.lr_scheduler.last_epoch == 4
+
+
+def test_progress_is_epoch_over_epochs_or_step_over_steps(tmp_path):
+    data = vector_data(32)
+    by_epoch = TwoStep(TASKS)
+    args = make_args(tmp_path, steps=-1, num_train_epochs=2)
+    MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data, strategy=by_epoch).train()
+    assert by_epoch.progress_seen == [0.0] * 4 + [0.5] * 4
+    by_step = TwoStep(TASKS)
+    args = make_args(tmp_path, steps=8, progress_unit="step")
+    MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data, strategy=by_step).train()
+    assert by_step.progress_seen == [k / 8 for k in range(8)]
+
+
+@pytest.mark.skipif("conn_strength" not in mtl_plugins.available_strategies(), reason="conn_strength not registered")
+def test_strategies_taking_the_epoch_get_it(tmp_path):
+    model, data, tasks = setup("conn_strength")
+    strategy = mtl_plugins.build_strategy("conn_strength", tasks, model=model, draw="epoch")
+    args = make_args(tmp_path, batch_size=16, steps=-1, num_train_epochs=2)
+    MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=strategy, tasks=tasks).train()
+    assert strategy.epoch == 1 and strategy.drawn_epoch == 1
+
+
+def test_logs_average_per_task_losses_over_the_window(tmp_path):
+    strategy = TwoStep(TASKS)
+    args = make_args(tmp_path, steps=4, logging_steps=2, lr_scheduler_type="linear", learning_rate=0.1)
+    trainer = MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(32), strategy=strategy)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    for entry, window in zip(logs, (strategy.recorded[0:2], strategy.recorded[2:4])):
+        for task in TASKS:
+            assert entry[f"loss/{task}"] == pytest.approx(np.mean([r[task] for r in window]), rel=1e-6)
+        assert entry["loss"] == pytest.approx(sum(entry[f"loss/{t}"] for t in TASKS), rel=1e-5)
+    # the lr of the step that was logged: linear decay advanced once per batch
+    assert [entry["learning_rate"] for entry in logs] == pytest.approx([0.1 * (1 - 1 / 4), 0.1 * (1 - 3 / 4)])
+
+
+def test_gradient_accumulation_equals_a_larger_batch_for_ew(tmp_path):
+    data = vector_data(48)
+    results = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        model = vector_model()
+        args = make_args(tmp_path / str(accumulation), batch_size=batch_size, steps=3,
+                         gradient_accumulation_steps=accumulation, train_sampling_strategy="sequential")
+        trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy="ew")
+        trainer.train()
+        results.append((snapshot(model), trainer.state.log_history[-2]["loss"]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_eval_metrics", [False, True])
+def test_evaluation_gives_per_task_metrics_and_delta_m(tmp_path, batch_eval_metrics):
+    model = vector_model()
+    train, test = vector_data(32), vector_data(40, seed=1)
+    reference = {"a/accuracy": 0.8, "b/mae": 0.5}
+    args = make_args(tmp_path, steps=2, per_device_eval_batch_size=16, batch_eval_metrics=batch_eval_metrics)
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, strategy="ew",
+                               compute_metrics=make_compute_metrics(SPECS, reference))
+    trainer.train()
+    metrics = trainer.evaluate()
+    rows = test[:]
+    with torch.no_grad():
+        out = model.eval()(features=rows["features"])["logits"]
+    accuracy = float((out["a"].argmax(1) == rows["a"]).double().mean())
+    mae = float((out["b"].reshape(-1).double() - rows["b"].double()).abs().mean())
+    assert metrics["eval_a/accuracy"] == pytest.approx(accuracy)
+    assert metrics["eval_b/mae"] == pytest.approx(mae, rel=1e-6)
+    expected = 100 * ((accuracy - 0.8) / 0.8 - (mae - 0.5) / 0.5) / 2
+    assert metrics["eval_delta_m"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_runner_fit_trains_through_the_trainer_and_reports_test_metrics(tmp_path):
+    from mtl_plugins import runner
+
+    recipe = {"data": {"dataset": "multidigits", "tasks": ["left", "sum"], "train_size": 64, "eval_size": 48},
+              "model": {"name": "multidigits_cnn", "options": {"width": 4, "hidden": 8}},
+              "strategy": {"name": "ew"},
+              "training": {"num_train_epochs": 1, "per_device_train_batch_size": 32, "logging_steps": 1,
+                           "per_device_eval_batch_size": 20}}
+    result = runner.fit(recipe, progress=False, output_dir=tmp_path)
+    assert result["steps"] == 2 and [r["step"] for r in result["records"]] == [1, 2]
+    assert all(f"loss/{t}" in r for r in result["records"] for t in ("left", "sum"))
+    # the Trainer's evaluation equals the plain evaluation of the same model
+    expected = runner.evaluate(result["model"], result["data"], batch_size=7)
+    assert result["metrics"] == pytest.approx(expected, rel=1e-6)
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ValueError, match="unknown training options \\['epochs'\\]"):
+        runner.training_options({"training": {"epochs": 2}})
+
+
+def test_reference_metrics_must_name_every_task_metric():
+    with pytest.raises(KeyError, match="reference metrics lack \\['b/mae'\\]"):
+        make_compute_metrics(SPECS, {"a/accuracy": 0.5})
+
+
+# -- mixed precision ------------------------------------------------------------------------------
+BF16 = ["ew", "two_step", *[n for n in ("sel_update", "conn_strength") if n in mtl_plugins.available_strategies()]]
+
+
+@pytest.mark.parametrize("name", BF16)
+def test_bf16_on_cpu_trains_without_nan(tmp_path, name):
+    model, data, tasks = setup(name)
+    dtypes = []
+    model.heads[tasks[0]].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    before = snapshot(model)
+    args = make_args(tmp_path, steps=4, bf16=True, learning_rate=0.05)
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=make_strategy(name, model, tasks),
+                               tasks=tasks)
+    trainer.train()
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # autocast ran the forward passes in bf16
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(math.isfinite(e[f"loss/{t}"]) for e in trainer.state.log_history if "loss" in e for t in tasks)
+
+
+class Overflowing(TwoStep):
+    """TwoStep whose step ``(batch, index)`` gets an infinite loss (``mode="overflow"``) or is left
+    out entirely (``mode="omit"``, the reference for a skipped step)."""
+
+    def __init__(self, tasks, *, at, mode, measure_last=False):
+        super().__init__(tasks, measure_last=measure_last)
+        self.at, self.mode, self.results = at, mode, []
+
+    def step(self, closure, optimizer):
+        updater = as_updater(optimizer)
+        batch = self.num_steps
+        for i, task in enumerate(self.tasks):
+            final = i == len(self.tasks) - 1 and not self.measure_last
+            if (batch, i) == self.at and self.mode == "omit":
+                continue
+            losses = closure()
+            updater.zero_grad()
+            scale = math.inf if (batch, i) == self.at else 1.0
+            updater.backward(losses[task] * scale)
+            self.results.append(updater.step(final=final))
+        if self.measure_last:
+            with torch.no_grad():
+                closure()
+        self.num_steps += 1
+        return {t: 1.0 for t in self.tasks}
+
+
+def install_scaler(trainer, init_scale=2.0**8):
+    """A CPU GradScaler stands in for the CUDA one that fp16 gets on a GPU."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+    trainer.accelerator.scaler = scaler
+    return scaler
+
+
+@pytest.mark.parametrize("measure_last, at", [(False, (1, 0)), (True, (1, 1)), (False, (1, 1))])
+def test_fp16_overflow_skips_only_that_step(tmp_path, measure_last, at):
+    data = vector_data(32)
+    args = make_args(tmp_path, steps=4, fp16=True, train_sampling_strategy="sequential")
+    model = vector_model()
+    strategy = Overflowing(TASKS, at=at, mode="overflow", measure_last=measure_last)
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=strategy)
+    scaler = install_scaler(trainer)
+    trainer.train()
+    assert scaler.get_scale() == 2.0**7  # backed off once
+    reference = vector_model()
+    args = make_args(tmp_path / "ref", steps=4, train_sampling_strategy="sequential")
+    omitted = Overflowing(TASKS, at=at, mode="omit", measure_last=measure_last)
+    MultiTaskTrainer(model=reference, args=args, train_dataset=data, strategy=omitted).train()
+    torch.testing.assert_close(snapshot(model), snapshot(reference), rtol=0, atol=0)
+    deferred_overflow = not measure_last and at[1] == len(TASKS) - 1
+    # an inner overflow is reported to the strategy; a deferred final step is skipped by the loop
+    assert strategy.results.count(False) == (0 if deferred_overflow else 1)
+    # the scheduler follows the batch's last optimizer step: held back once if that one overflowed
+    last_step_overflowed = at[1] == len(TASKS) - 1
+    assert trainer.lr_scheduler.last_epoch == (3 if last_step_overflowed else 4)
+
+
+def test_updater_unscales_before_clipping_and_skips_overflow(tmp_path):
+    model = vector_model()
+    trainer = MultiTaskTrainer(model=model, args=make_args(tmp_path, fp16=True), train_dataset=vector_data(), strategy="ew")
+    accelerator = trainer.accelerator
+    scaler = install_scaler(trainer, init_scale=2.0**10)
+    accelerator.native_amp = True  # accelerate unscales before clipping only with native AMP
+    optimizer = accelerator.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    updater = AcceleratedUpdater(accelerator, optimizer, max_grad_norm=0.01)
+    batch = next(batches(vector_data(), 8))
+
+    def inner_step(scale=1.0):
+        updater.zero_grad()
+        updater.backward(model(**batch)["loss"] * scale)
+        return updater.step()
+
+    def expected_after_step():
+        copy = vector_model()
+        copy.load_state_dict(model.state_dict())
+        copy(**batch)["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(copy.parameters(), 0.01)
+        return {n: p - 0.1 * p.grad for n, p in copy.named_parameters()}
+
+    expected = expected_after_step()
+    assert inner_step() is True
+    torch.testing.assert_close(dict(model.named_parameters()), expected)
+    before = snapshot(model)
+    assert inner_step(math.inf) is False
+    assert scaler.get_scale() == 2.0**9 and updater.skipped_steps == 1
+    torch.testing.assert_close(snapshot(model), before, rtol=0, atol=0)
+    expected = expected_after_step()
+    assert inner_step() is True
+    torch.testing.assert_close(dict(model.named_parameters()), expected)
+    assert updater.loss_scale == 2.0**9
+
+
+# -- refusals -------------------------------------------------------------------------------------
+class NeedsTask(Strategy):
+    needs_task_forward = True
+
+
+class NoTaskArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = vector_model()
+
+    def forward(self, features, a=None, b=None):
+        return self.inner(features=features, a=a, b=b)
+
+
+@pytest.mark.parametrize("strategy", ["two_step", "per_task", "sel_update", "conn_strength", "dwa"])
+def test_gradient_accumulation_with_a_batch_level_strategy_is_refused(tmp_path, strategy):
+    if strategy not in ("two_step", "per_task") and strategy not in mtl_plugins.available_strategies():
+        pytest.skip(f"{strategy} not registered")
+    model, data, tasks = setup(strategy)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 cannot be used with strategy"):
+        MultiTaskTrainer(model=model, args=make_args(tmp_path, gradient_accumulation_steps=2), train_dataset=data,
+                         strategy=make_strategy(strategy, model, tasks), tasks=tasks)
+
+
+def test_bad_options_are_refused_with_clear_errors(tmp_path, monkeypatch):
+    args = make_args(tmp_path)
+    data = vector_data()
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data, strategy="nope")
+    with pytest.raises(TypeError, match="no option 'warmup_steps'"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data, strategy="ew", strategy_options={"warmup_steps": 1})
+    with pytest.raises(ValueError, match="no label column for tasks \\['b'\\]"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data.remove_columns("b"), strategy="ew")
+    with pytest.raises(ValueError, match="eval_dataset has no label column for tasks \\['a'\\]"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data, eval_dataset=data.remove_columns("a"))
+    with pytest.raises(ValueError, match="strategy_options apply to a strategy given by name"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data, strategy=TwoStep(TASKS),
+                         strategy_options={"seed": 1})
+    with pytest.raises(ValueError, match="differ from the trainer's tasks"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data, strategy=TwoStep(["a"]), tasks=TASKS)
+    with pytest.raises(ValueError, match="has no `task` argument"):
+        MultiTaskTrainer(model=NoTaskArgument(), args=args, train_dataset=data, strategy=NeedsTask(TASKS))
+    with pytest.raises(ValueError, match="lr_ts=2.0 needs a model with get_share_params"):
+        MultiTaskTrainer(model=NoTaskArgument(), args=make_args(tmp_path, lr_ts=2.0), train_dataset=data, tasks=TASKS)
+    with pytest.raises(ValueError, match="label_names=\\['a'\\] must be the task names"):
+        MultiTaskTrainer(model=vector_model(), args=make_args(tmp_path, label_names=["a"]), train_dataset=data)
+    with pytest.raises(ValueError, match="lr_ts must be positive"):
+        make_args(tmp_path, lr_ts=0.0)
+    with pytest.raises(ValueError, match="progress_unit must be one of"):
+        make_args(tmp_path, progress_unit="batch")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="launched on 2 processes, but the training arguments are not distributed"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=data)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path):
+    data = vector_data(16)
+    labels = data[:]["b"].clone()
+    labels[3] = float("nan")
+    data = data.remove_columns("b").add_column("b", labels.numpy()).with_format("torch")
+    trainer = MultiTaskTrainer(model=vector_model(), args=make_args(tmp_path), train_dataset=data, strategy="ew")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss for tasks \\['b'\\]"):
+        trainer.train()

@@ -1,0 +1,87 @@
+"""Two-process DDP on CPU (gloo, torchrun): ranks stay identical, and strategies whose update is
+exact under data parallelism equal a single-process run on the concatenated batch; ``mtl-train``
+runs a recipe on two processes with one set of outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mtl_plugins
+from ddp_worker import same, train_one
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+#: Exact under data parallelism with the MLP (no BatchNorm): equal to one process on both batches.
+EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update"]
+#: Need BatchNorm connections (batch statistics differ per process): ranks identical only.
+RANKS_ONLY = ["conn_strength", "conn_strength_phase2"]
+REGISTERED = set(mtl_plugins.available_strategies())
+NAMES = [n for n in EXACT + RANKS_ONLY if n not in ("sel_update", "conn_strength", "conn_strength_phase2")
+         or n.replace("_phase2", "") in REGISTERED]
+STEPS, BATCH = 4, 4
+
+
+def torchrun(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(WORKER.parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(str(WORKER), str(out), *NAMES, cwd=out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ranks_hold_identical_parameters_and_strategy_state(ranks, name):
+    rank0, rank1 = ranks[0][name], ranks[1][name]
+    assert same(rank0["model"], rank1["model"])
+    assert same(rank0["strategy"], rank1["strategy"])
+    assert rank0["strategy"]["num_steps"] == STEPS
+    logged = [entry for entry in rank0["log"] if "loss" in entry]
+    assert logged and logged == [entry for entry in rank1["log"] if "loss" in entry]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n in EXACT])
+def test_equals_one_process_on_the_concatenated_batch(ranks, name, tmp_path):
+    single = train_one(name, str(tmp_path), batch_size=2 * BATCH, steps=STEPS)
+    torch.testing.assert_close(single.model.state_dict(), ranks[0][name]["model"], rtol=1e-5, atol=1e-6)
+    # logged losses are the mean over processes (not their sum): the loss of the whole batch
+    keys = ["loss", *(f"loss/{t}" for t in single.tasks)]
+    logged = [e[k] for e in ranks[0][name]["log"] if "loss" in e for k in keys]
+    expected = [e[k] for e in single.state.log_history if "loss" in e for k in keys]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    if name == "sel_update":
+        torch.testing.assert_close(single.strategy.affinity, ranks[0][name]["strategy"]["affinity"], rtol=1e-4, atol=1e-9)
+        assert single.strategy.groups == ranks[0][name]["strategy"]["groups"]
+
+
+@pytest.mark.skipif("conn_strength" not in REGISTERED, reason="conn_strength not registered")
+def test_conn_strength_ran_both_phases(ranks):
+    assert ranks[0]["conn_strength_phase2"]["strategy"]["phase_counts"] == [0, STEPS]
+    assert ranks[0]["conn_strength"]["strategy"]["phase_counts"][0] == STEPS  # epoch 0: Phase 1 only
+
+
+def test_mtl_train_on_two_processes_writes_one_set_of_outputs(tmp_path):
+    out = tmp_path / "run"
+    result = torchrun("-m", "mtl_plugins.cli", "quickstart", "strategy={name: ew}", "data.train_size=128",
+                      "data.eval_size=64", "training.per_device_train_batch_size=32", "training.logging_steps=1",
+                      "--baselines", "skip", "--output-dir", str(out), "--no-progress", cwd=tmp_path)
+    assert result.stdout.count("outputs written to") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4  # 128 examples / (2 processes x 32) x 2 epochs
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"model.safetensors", "loss_curves.png", "config.yaml"} <= {p.name for p in out.iterdir()}

@@ -1,0 +1,48 @@
+"""Strategy state in Trainer checkpoints: ``strategy_state.pt``, loadable with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mtl_plugins.strategies.base import Strategy
+
+STRATEGY_STATE_NAME = "strategy_state.pt"
+
+
+def save_strategy_state(strategy: Strategy, folder: str | os.PathLike) -> Path:
+    """Write ``strategy.state_dict()`` (with its name and tasks) into ``folder``; returns the file."""
+    path = Path(folder) / STRATEGY_STATE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"strategy": strategy.name, "tasks": list(strategy.tasks), "state": strategy.state_dict()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    try:
+        torch.load(tmp, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the reason
+        tmp.unlink(missing_ok=True)
+        raise TypeError(
+            f"strategy {strategy.name!r} state cannot be checkpointed safely (only tensors, numbers, strings, "
+            f"lists, tuples and dicts are allowed): {error}"
+        ) from error
+    os.replace(tmp, path)
+    return path
+
+
+def load_strategy_state(strategy: Strategy, folder: str | os.PathLike) -> None:
+    """Restore ``strategy`` from the ``strategy_state.pt`` in checkpoint ``folder``."""
+    path = Path(folder) / STRATEGY_STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(folder)!r} has no {STRATEGY_STATE_NAME}: it was not written by MultiTaskTrainer, "
+            "so the strategy state cannot be restored"
+        )
+    payload = torch.load(path, weights_only=True)
+    if payload["strategy"] != strategy.name or list(payload["tasks"]) != list(strategy.tasks):
+        raise ValueError(
+            f"checkpoint {str(folder)!r} holds the state of strategy {payload['strategy']!r} for tasks "
+            f"{payload['tasks']}, but this trainer runs {strategy.name!r} for tasks {strategy.tasks}"
+        )
+    strategy.load_state_dict(payload["state"])

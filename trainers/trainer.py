@@ -1,0 +1,301 @@
+"""``MultiTaskTrainer``: a ``transformers.Trainer`` that trains a multi-task model with any strategy."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainingArguments
+from transformers.training_args import ParallelMode
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from mtl_plugins import build_strategy
+from mtl_plugins.param_groups import parameter_groups
+from mtl_plugins.registry import STRATEGIES, check_tasks
+from mtl_plugins.strategies.base import Strategy
+from mtl_plugins.strategies.ew import EqualWeighting
+
+from .arguments import MultiTaskTrainingArguments
+from .checkpoint import load_strategy_state, save_strategy_state
+from .distributed import all_reduce_mean_
+from .updater import AcceleratedUpdater
+
+
+def _resolve_tasks(model: nn.Module | None, tasks: Sequence[str] | None, strategy: Any) -> list[str]:
+    if tasks is None:
+        tasks = getattr(strategy, "tasks", None) or getattr(model, "tasks", None)
+    if tasks is None:
+        raise ValueError("give tasks=[...]: the model has no `tasks` attribute to take them from")
+    return check_tasks(tasks)
+
+
+def _make_strategy(strategy: str | Strategy, options: Mapping[str, Any] | None, tasks: list[str],
+                   model: nn.Module | None) -> Strategy:
+    if isinstance(strategy, Strategy):
+        if options:
+            raise ValueError("strategy_options apply to a strategy given by name, not to a Strategy instance")
+        if list(strategy.tasks) != tasks:
+            raise ValueError(f"the strategy's tasks {strategy.tasks} differ from the trainer's tasks {tasks}")
+        return strategy
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a registered name or a Strategy instance, got {type(strategy).__name__}")
+    options = dict(options or {})
+    if "model" in STRATEGIES.accepted_options(strategy) and "model" not in options:
+        options["model"] = model
+    return build_strategy(strategy, tasks, **options)
+
+
+#: Strategies whose update is exact under gradient accumulation: one backward of a loss with
+#: static weights (dynamic weightings would update their state once per micro-batch).
+ACCUMULATING_STRATEGIES: tuple[type[Strategy], ...] = (EqualWeighting,)
+
+
+def _missing_columns(dataset: Any, tasks: list[str]) -> list[str]:
+    columns = getattr(dataset, "column_names", None)
+    return [] if columns is None else [t for t in tasks if t not in columns]
+
+
+class MultiTaskTrainer(Trainer):
+    """Trains a multi-task model whose forward returns per-task ``losses`` with a strategy.
+
+    Every training batch is handed to ``strategy.step(closure, updater)``: ``closure(task=None)``
+    runs a fresh forward pass on the batch and ``updater`` (an :class:`AcceleratedUpdater`) applies
+    the strategy's backward passes and inner optimizer steps; the batch's final step is left to the
+    Trainer's loop, so scheduler and logs advance once per batch. ``trainer.strategy`` is the live
+    strategy. Labels are dataset columns named after the tasks (``label_names = tasks``).
+
+    Args:
+        strategy: a registered strategy name (built with ``strategy_options``) or a ``Strategy``.
+        tasks: task names; default the strategy's or the model's ``tasks``.
+        Other arguments are those of ``transformers.Trainer``. With
+        :class:`MultiTaskTrainingArguments`, ``lr_ts`` scales the task-specific learning rate.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, *, strategy: str | Strategy = "ew",
+                 strategy_options: Mapping[str, Any] | None = None, tasks: Sequence[str] | None = None,
+                 **kwargs: Any):
+        if model is None:
+            raise ValueError("MultiTaskTrainer needs a model (model_init is not supported)")
+        self.tasks = _resolve_tasks(model, tasks, strategy)
+        self.strategy = _make_strategy(strategy, strategy_options, self.tasks, model)
+        args = args if args is not None else MultiTaskTrainingArguments(output_dir="trainer_output")
+        self._check_compatible(model, args, train_dataset, eval_dataset)
+        # Per-task losses are batch means: the token averaging of causal LM losses does not apply.
+        args.average_tokens_across_devices = False
+        # DDP's reducer is bypassed (see updater.py), so it need not search for unused parameters.
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False
+        args.label_names = list(self.tasks)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("MultiTaskTrainer supports single-process and DDP training, not DeepSpeed or FSDP")
+        self.model_accepts_loss_kwargs = False  # the model's forward gets the batch only
+        self._signature_columns = self._input_columns(model)
+        self.updater: AcceleratedUpdater | None = None
+        self._progress_takes_epoch = "epoch" in inspect.signature(self.strategy.set_progress).parameters
+        self._task_loss_sum = torch.zeros(len(self.tasks), dtype=torch.float64)
+        self._task_loss_count = 0
+
+    # -- set-up checks ------------------------------------------------------------------------
+    def _check_compatible(self, model: nn.Module, args: TrainingArguments, train_dataset: Any,
+                          eval_dataset: Any) -> None:
+        name = self.strategy.name
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise ValueError(
+                f"launched on {launched} processes, but the training arguments are not distributed, so each "
+                "process would train its own model; on a machine without GPUs set use_cpu=True"
+            )
+        if args.gradient_accumulation_steps > 1 and not isinstance(self.strategy, ACCUMULATING_STRATEGIES):
+            raise ValueError(
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps} cannot be used with strategy "
+                f"{name!r}: it works on each batch as a whole (several optimizer steps, per-task gradients or "
+                "loss weights updated per batch), which accumulation would split. Use "
+                "gradient_accumulation_steps=1 and a larger per_device_train_batch_size."
+            )
+        if args.label_names is not None and list(args.label_names) != self.tasks:
+            raise ValueError(f"label_names={args.label_names} must be the task names {self.tasks} (or unset)")
+        if self.strategy.needs_task_forward and "task" not in inspect.signature(model.forward).parameters:
+            raise ValueError(
+                f"strategy {name!r} runs task-specific forward passes (model(..., task=t)), but "
+                f"{type(model).__name__}.forward has no `task` argument"
+            )
+        lr_ts = getattr(args, "lr_ts", 1.0)
+        if lr_ts != 1.0 and not hasattr(model, "get_share_params"):
+            raise ValueError(f"lr_ts={lr_ts} needs a model with get_share_params() to find task-specific parameters")
+        datasets = {"train_dataset": train_dataset}
+        if isinstance(eval_dataset, Mapping):
+            datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
+        else:
+            datasets["eval_dataset"] = eval_dataset
+        for label, dataset in datasets.items():
+            missing = _missing_columns(dataset, self.tasks)
+            if missing:
+                raise ValueError(
+                    f"{label} has no label column for tasks {missing}: label columns are named after the "
+                    f"tasks; its columns are {dataset.column_names}"
+                )
+
+    def _input_columns(self, model: nn.Module) -> list[str]:
+        """Dataset columns kept by ``remove_unused_columns``: forward arguments, inputs and task labels."""
+        params = inspect.signature(model.forward).parameters.values()
+        names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        names += [n for n in (getattr(model, "input_name", None), getattr(model, "main_input_name", None)) if n]
+        return list(dict.fromkeys(names + self.tasks + ["label", "label_ids"]))
+
+    # -- optimizer ------------------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Shared parameters at ``learning_rate``, task-specific ones at ``learning_rate * lr_ts``.
+
+        ``weight_decay`` applies to every parameter, as in the papers' released configs (the plain
+        Trainer exempts biases and LayerNorm weights). Models without ``get_share_params()`` get
+        the Trainer's default groups.
+        """
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and hasattr(opt_model, "get_share_params"):
+            groups = parameter_groups(opt_model, self.args.learning_rate, getattr(self.args, "lr_ts", 1.0),
+                                      self.args.weight_decay)
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            for group in groups:
+                group.pop("name", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+    # -- training -------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
+        """``Trainer.train``; resuming also restores the strategy state saved with the checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in output directory {self.args.output_dir!r}")
+        if resume_from_checkpoint:
+            load_strategy_state(self.strategy, resume_from_checkpoint)
+        self.updater = None
+        self._task_loss_sum.zero_()
+        self._task_loss_count = 0
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        finally:
+            self.accelerator.gradient_state._set_sync_gradients(True)  # see training_step
+
+    def training_progress(self) -> float:
+        """Progress in [0, 1] given to the strategy: 0-based epoch / epochs, or step / max_steps."""
+        if getattr(self.args, "progress_unit", "epoch") == "step":
+            return min(1.0, self.state.global_step / max(self.state.max_steps, 1))
+        epochs = max(self.state.num_train_epochs, 1)
+        return min(1.0, math.floor(self.state.epoch or 0.0) / epochs)
+
+    def _get_updater(self) -> AcceleratedUpdater:
+        if self.updater is None or self.updater.optimizer is not self.optimizer:
+            self.updater = AcceleratedUpdater(self.accelerator, self.optimizer, self.args.max_grad_norm,
+                                              self.args.gradient_accumulation_steps)
+        return self.updater
+
+    def _closure(self, model: nn.Module, inputs: dict[str, Any]):
+        def closure(task: str | None = None) -> Mapping[str, Tensor]:
+            with self.compute_loss_context_manager():
+                output = model(**inputs) if task is None else model(**inputs, task=task)
+            if self.args.ddp_broadcast_buffers is not False:
+                AcceleratedUpdater.sync_buffers(model)
+            losses = output.get("losses") if isinstance(output, Mapping) else getattr(output, "losses", None)
+            if losses is None:
+                raise ValueError(f"{type(self.model).__name__} returned no per-task 'losses' for the batch")
+            return losses
+
+        return closure
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
+        """One batch through ``strategy.step``; returns the batch's weighted loss for logging."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        missing = [t for t in self.tasks if t not in inputs]
+        if missing:
+            raise ValueError(f"the training batch has no labels for tasks {missing}; it has {sorted(inputs)}")
+        updater = self._get_updater()
+        divisor = self.current_gradient_accumulation_steps if self.args.gradient_accumulation_steps > 1 else 1
+        updater.begin_batch(divisor)
+        if self._progress_takes_epoch:
+            self.strategy.set_progress(self.training_progress(), epoch=math.floor(self.state.epoch or 0.0))
+        else:
+            self.strategy.set_progress(self.training_progress())
+        with self.accelerator.no_sync(model):
+            losses = self.strategy.step(self._closure(model, inputs), updater)
+        if not updater.deferred:
+            # No final step is left: the loop's optimizer step must not move anything.
+            updater.zero_grad()
+            self.accelerator.gradient_state._set_sync_gradients(False)
+        values = torch.tensor([float(losses[t]) for t in self.tasks], dtype=torch.float64)
+        self._task_loss_sum += values
+        self._task_loss_count += 1
+        weights = torch.tensor([self.strategy.loss_weights[t] for t in self.tasks], dtype=torch.float64)
+        return ((values * weights).sum() / divisor).to(device=self.args.device, dtype=torch.float32)
+
+    def _clip_grad_norm(self, model: nn.Module):
+        if self.updater is not None and not self.updater.deferred:
+            return self.updater.last_grad_norm  # every step of the batch was taken (and clipped) inside
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        if grad_norm is None and self.updater is not None and not self.updater.deferred:
+            return self.updater.last_grad_norm
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # -- logging --------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs also get per-task losses (``loss/<task>``, averaged like ``loss``) and the
+        strategy's ``log_metrics()``."""
+        if "loss" in logs and self._task_loss_count > 0:
+            window = (self._task_loss_sum / self._task_loss_count).to(self.args.device, torch.float32)
+            all_reduce_mean_([window])
+            logs.update({f"loss/{task}": value for task, value in zip(self.tasks, window.tolist())})
+            logs.update(self.strategy.log_metrics())
+            if self.updater is not None and self.updater.skipped_steps:
+                logs["skipped_inner_steps"] = self.updater.skipped_steps
+            self._task_loss_sum.zero_()
+            self._task_loss_count = 0
+        super().log(logs, start_time)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """Loss, per-task logits and per-task labels, both as tuples in task order."""
+        inputs = self._prepare_inputs(inputs)
+        present = [t for t in self.tasks if t in inputs]
+        if present and len(present) != len(self.tasks):
+            missing = [t for t in self.tasks if t not in inputs]
+            raise ValueError(f"the evaluation batch has no labels for tasks {missing}")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            output = model(**inputs)
+        if not isinstance(output, Mapping):
+            raise ValueError(f"{type(self.model).__name__} must return a mapping with 'logits' (and 'loss' given labels)")
+        loss = output.get("loss") if present else None
+        loss = loss.detach().mean() if loss is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        logits = output.get("logits")
+        if not isinstance(logits, Mapping):
+            raise ValueError(f"{type(self.model).__name__} must return 'logits' as a mapping task -> tensor")
+        labels = tuple(inputs[t] for t in self.tasks) if present else None
+        return loss, tuple(logits[t].detach() for t in self.tasks), labels
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write the strategy state first, so a checkpoint with a trainer state is always complete."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            save_strategy_state(self.strategy, folder)
+        super()._save_checkpoint(model, trial)
