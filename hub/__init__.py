@@ -1,0 +1,24 @@
+"""Hub-ready multi-task models: ``MultiTaskConfig`` and ``MultiTaskModel``.
+
+Importing this module registers them with ``AutoConfig`` and ``AutoModel`` (model type
+``mtl_multitask``), so ``AutoModel.from_pretrained`` loads saved multi-task checkpoints after
+``import mtl_plugins.hub``. To load without importing it, call
+``MultiTaskConfig.register_for_auto_class()`` and ``MultiTaskModel.register_for_auto_class("AutoModel")``
+before ``save_pretrained``/``push_to_hub``: the code is saved with the checkpoint and
+``AutoModel.from_pretrained(..., trust_remote_code=True)`` loads it (the saved code imports the
+losses and task connections of ``mtl_plugins``, so the ``mtl-plugins`` package must be installed).
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .card import build_model_card
+from .configuration import MultiTaskConfig
+from .heads import HEAD_KINDS
+from .modeling import MultiTaskModel, MultiTaskModelOutput
+from .pretrained import resolve_pretrained
+
+AutoConfig.register(MultiTaskConfig.model_type, MultiTaskConfig, exist_ok=True)
+AutoModel.register(MultiTaskConfig, MultiTaskModel, exist_ok=True)
+
+__all__ = ["HEAD_KINDS", "MultiTaskConfig", "MultiTaskModel", "MultiTaskModelOutput", "build_model_card",
+           "resolve_pretrained"]

@@ -1,9 +1,17 @@
-"""Per-task loss functions by name."""
+"""Per-task loss functions by name.
+
+Dense losses follow the ICLR 2025 selective-update recipe: cross-entropy ignoring 255 for
+segmentation and human parts, L1 on valid pixels for depth, L1 on the L2-normalised prediction for
+normals, class-balanced binary cross-entropy for edges (positive weight 0.95) and saliency (weight
+from the label balance). Masked losses average over valid positions and are 0 when none is valid.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,11 +31,93 @@ def l1(prediction: Tensor, target: Tensor) -> Tensor:
     return F.l1_loss(prediction.reshape(target.shape), target.to(prediction.dtype))
 
 
-LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse, "l1": l1}
+def _dense_target(prediction: Tensor, target: Tensor, name: str) -> Tensor:
+    """``target`` in ``prediction``'s shape (a missing channel dim of size 1 is added)."""
+    if target.dim() == prediction.dim() - 1 and prediction.shape[1] == 1:
+        target = target.unsqueeze(1)
+    if target.shape != prediction.shape:
+        raise ValueError(f"{name}: labels of shape {tuple(target.shape)} do not match predictions of shape "
+                         f"{tuple(prediction.shape)} (expected B x C x H x W or B x H x W for one channel)")
+    return target.to(prediction.dtype)
+
+
+def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Sum of ``values`` over ``valid`` positions divided by their count (0 when none is valid)."""
+    return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp_min(1)
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """Cross-entropy (class dim 1) averaged over positions whose label is not ``ignore_index``.
+
+    Works for ``B x C`` sequence logits, ``B x C x T`` token logits and ``B x C x H x W`` maps.
+    """
+    target = target.long()
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"cross-entropy: labels of shape {tuple(target.shape)} do not match logits of shape "
+                         f"{tuple(logits.shape)} (class dim 1)")
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= logits.shape[1]))
+    if bad.any():
+        raise ValueError(f"cross-entropy: labels {sorted(target[bad].unique().tolist())} are outside "
+                         f"[0, {logits.shape[1] - 1}] and are not ignore_index={ignore_index}")
+    per_position = F.cross_entropy(logits, torch.where(valid, target, 0), reduction="none")
+    return _masked_mean(per_position, valid)
+
+
+def depth_l1(prediction: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """Mean absolute depth error over valid pixels: finite, positive and not ``ignore_index``
+    (NYUD-v2 marks missing depth with 0)."""
+    target = _dense_target(prediction, target, "depth loss")
+    valid = torch.isfinite(target) & (target > 0) & (target != ignore_index)
+    return _masked_mean((prediction - torch.nan_to_num(target)).abs(), valid)
+
+
+def normals_l1(prediction: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """L1 between the L2-normalised prediction and the label normals, summed over the 3 channels and
+    averaged over valid pixels (pixels where no channel equals ``ignore_index``)."""
+    target = _dense_target(prediction, target, "normals loss")
+    valid = (target != ignore_index).all(dim=1)
+    per_pixel = (F.normalize(prediction, p=2, dim=1) - target).abs().sum(dim=1)
+    return _masked_mean(per_pixel, valid)
+
+
+def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None = None, ignore_index: int = 255) -> Tensor:
+    """Class-balanced binary cross-entropy with logits over valid pixels.
+
+    ``mean(-w * y * log(sigmoid(x)) - (1 - w) * (1 - y) * log(1 - sigmoid(x)))`` where ``w`` is
+    ``pos_weight`` or, when it is None, the share of negative labels among valid pixels (HED-style).
+    """
+    target = _dense_target(logits, target, "balanced BCE")
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    if pos_weight is None:
+        w = ((1 - y) * valid).sum() / valid.sum().clamp_min(1)
+    else:
+        if not 0.0 <= pos_weight <= 1.0:
+            raise ValueError(f"pos_weight must be in [0, 1], got {pos_weight}")
+        w = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    per_pixel = -w * y * F.logsigmoid(logits) - (1 - w) * (1 - y) * F.logsigmoid(-logits)
+    return _masked_mean(per_pixel, valid)
+
+
+#: Positive-class weight of the edge loss in the released recipes.
+EDGE_POS_WEIGHT = 0.95
+edge_bce = partial(balanced_bce, pos_weight=EDGE_POS_WEIGHT)
+
+LOSSES: dict[str, LossFn] = {
+    "cross_entropy": cross_entropy,
+    "mse": mse,
+    "l1": l1,
+    "masked_cross_entropy": masked_cross_entropy,
+    "depth_l1": depth_l1,
+    "normals_l1": normals_l1,
+    "balanced_bce": balanced_bce,
+    "edge_bce": edge_bce,
+}
 
 
 def get_loss(name_or_fn: str | LossFn) -> LossFn:
-    """A loss function from its name (``cross_entropy``, ``mse``, ``l1``) or the function itself."""
+    """A loss function from its name (a key of :data:`LOSSES`) or the function itself."""
     if callable(name_or_fn):
         return name_or_fn
     if name_or_fn not in LOSSES:

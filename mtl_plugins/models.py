@@ -16,7 +16,7 @@ from .tasks import TaskSpec
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 #: Modules (besides this one) whose import registers more recipe models; imported on first use.
-BUILTIN_MODULES: tuple[str, ...] = ()
+BUILTIN_MODULES: tuple[str, ...] = ("mtl_plugins.hub.recipe",)
 
 
 def register_model(name: str):

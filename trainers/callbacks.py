@@ -1,4 +1,4 @@
-"""Trainer callbacks: training logs as JSON lines, and a progress bar that prints only the losses."""
+"""Trainer callbacks: training logs as JSON lines, and a quiet progress bar."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ class LogRecorder(TrainerCallback):
 
 
 class LossProgress(ProgressCallback):
-    """The Trainer's progress bar, printing the losses of each log (not every strategy metric)."""
+    """The Trainer's progress bar with the latest training loss as its postfix (logs are not printed:
+    they go to the JSON-lines log and the ``report_to`` integrations)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        shown = {k: v for k, v in (logs or {}).items() if k.split("/")[0] in ("loss", "eval_loss", "train_loss", "epoch")}
-        return super().on_log(args, state, control, logs=shown, **kwargs)
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)

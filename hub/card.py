@@ -1,0 +1,138 @@
+"""Model cards for multi-task checkpoints (huggingface_hub ``ModelCard`` / ``ModelCardData``).
+
+The card's metadata carries the tasks, the training method and its settings, per-task metrics,
+Delta_m, the base model, the datasets and the final task groups or priority statistics (keys
+prefixed ``mtl_``); the text shows the same in tables.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .pretrained import hub_id
+
+def _plain(value: Any) -> bool:
+    """True for values that serialise to YAML/JSON as they are."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def card_fields_from_strategy(strategy: Any) -> dict[str, Any]:
+    """``method``, ``method_settings`` and, where the strategy has them, ``task_groups`` (its current
+    groups) and ``priority_stats`` (per layer, the share of channels each task has top priority on)."""
+    fields: dict[str, Any] = {"method": getattr(strategy, "name", type(strategy).__name__)}
+    parameters = list(inspect.signature(type(strategy).__init__).parameters)[2:]  # self, tasks
+    settings = {}
+    for name in parameters:
+        value = getattr(strategy, name, None)
+        if name != "model" and value is not None and _plain(value):
+            settings[name] = value
+    fields["method_settings"] = settings
+    groups = getattr(strategy, "groups", None)
+    if groups is not None and _plain([list(g) for g in groups]):
+        fields["task_groups"] = [list(g) for g in groups]
+    priority = getattr(strategy, "priority", None)
+    if callable(priority):
+        fields["priority_stats"] = priority()
+    return fields
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def build_model_card(
+    config: Any,
+    *,
+    repo_id: str | None = None,
+    method: str | None = None,
+    method_settings: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    delta_m: float | None = None,
+    datasets: Sequence[str] | None = None,
+    task_groups: Sequence[Sequence[str]] | None = None,
+    priority_stats: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """A model card for a :class:`MultiTaskConfig`'s model.
+
+    ``metrics`` maps ``"<task>/<metric>"`` to a value (as ``mtl-train`` reports them); ``base_model``
+    defaults to the Hub id of ``config.backbone_pretrained`` when it names one.
+    """
+    tasks = config.task_names
+    metrics = dict(metrics or {})
+    unknown = sorted({key.split("/")[0] for key in metrics} - set(tasks))
+    if unknown or any("/" not in key for key in metrics):
+        raise ValueError(f"metrics keys must be '<task>/<metric>' for tasks {tasks}; got {sorted(metrics)}")
+    if task_groups is not None:
+        grouped = [t for group in task_groups for t in group]
+        if sorted(grouped) != sorted(tasks):
+            raise ValueError(f"task_groups {list(map(list, task_groups))} must partition the tasks {tasks}")
+    base_model = base_model or hub_id(config.backbone_pretrained)
+    task_rows = [{k: t[k] for k in ("name", "kind", "num_outputs", "loss_weight")} for t in config.tasks]
+    extra = {
+        "mtl_tasks": task_rows,
+        "mtl_method": method,
+        "mtl_method_settings": dict(method_settings or {}) or None,
+        "mtl_metrics": metrics or None,
+        "mtl_delta_m": delta_m,
+        "mtl_task_groups": [list(g) for g in task_groups] if task_groups is not None else None,
+        "mtl_priority_stats": dict(priority_stats) if priority_stats is not None else None,
+    }
+    data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        base_model=base_model,
+        datasets=list(datasets) if datasets else None,
+        tags=["mtl-plugins", "multi-task-learning", *([method] if method else [])],
+        **{k: v for k, v in extra.items() if v is not None},
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(config, repo_id, extra, base_model, datasets))
+
+
+def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model: str | None,
+          datasets: Sequence[str] | None) -> str:
+    backbone = config.backbone_config.model_type
+    parts = [f"# {repo_id.split('/')[-1] if repo_id else 'Multi-task model'}",
+             f"A multi-task model (mtl-plugins `MultiTaskModel`): a shared `{backbone}` backbone"
+             + (f" initialised from `{base_model}`" if base_model else "")
+             + " and one head per task" + (f", trained on {', '.join(datasets)}." if datasets else "."),
+             "## Tasks", _table(["task", "kind", "outputs", "loss weight"],
+                                [[t["name"], t["kind"], t["num_outputs"], t["loss_weight"]] for t in extra["mtl_tasks"]])]
+    if extra["mtl_method"]:
+        parts += ["## Training method", f"Strategy: `{extra['mtl_method']}`."]
+        if extra["mtl_method_settings"]:
+            parts.append(_table(["setting", "value"], sorted(extra["mtl_method_settings"].items())))
+    if extra["mtl_metrics"] or extra["mtl_delta_m"] is not None:
+        parts.append("## Results")
+        if extra["mtl_metrics"]:
+            rows = [[key.split("/", 1)[0], key.split("/", 1)[1], value] for key, value in extra["mtl_metrics"].items()]
+            parts.append(_table(["task", "metric", "value"], rows))
+        if extra["mtl_delta_m"] is not None:
+            parts.append(f"Delta_m against single-task models: {extra['mtl_delta_m']:+.2f}%")
+    if extra["mtl_task_groups"]:
+        parts += ["## Final task groups", "\n".join(f"- {', '.join(g)}" for g in extra["mtl_task_groups"])]
+    if extra["mtl_priority_stats"]:
+        parts += ["## Task priority", "Share of channels whose top-priority task is each task, per connected layer.",
+                  _table(["layer", *config.task_names],
+                         [[layer, *shares] for layer, shares in extra["mtl_priority_stats"].items()])]
+    name = repo_id or "path/to/checkpoint"
+    parts += ["## Usage", "```python\nimport mtl_plugins.hub  # registers the model with AutoModel\n"
+              "from transformers import AutoModel\n\n"
+              f"model = AutoModel.from_pretrained(\"{name}\")\noutputs = model.predict(inputs)\n```"]
+    return "\n\n".join(parts) + "\n"

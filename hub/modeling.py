@@ -1,0 +1,294 @@
+"""``MultiTaskModel``: a Hugging Face backbone shared by all tasks and one head per task."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from mtl_plugins.architectures.task_connections import (
+    active_task,
+    add_task_connections,
+    has_task_connections,
+    task_connection_parameters,
+)
+
+from .backbones import build_backbone, feature_channels, fuse_feature_maps, mean_pool, vit_feature_maps
+from .card import build_model_card
+from .configuration import VIT_MODEL_TYPES, MultiTaskConfig, backbone_modality, normalize_task
+from .heads import HEAD_KINDS, DenseHead, SequenceHead, TokenHead
+
+#: Keyword arguments of ``from_pretrained`` that say where and how to fetch the checkpoint's config.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+@dataclass
+class MultiTaskModelOutput(ModelOutput):
+    """``loss`` (weighted sum, when labels are given), ``logits`` (task -> tensor), ``losses`` (task -> scalar)."""
+
+    loss: Tensor | None = None
+    logits: dict[str, Tensor] | None = None
+    losses: dict[str, Tensor] | None = None
+
+
+class MultiTaskModel(PreTrainedModel):
+    """A shared backbone and one head per task (see :class:`MultiTaskConfig` for the head kinds).
+
+    ``forward(pixel_values=...)`` or ``forward(input_ids=..., attention_mask=...)`` returns a
+    :class:`MultiTaskModelOutput`. Labels are keyword arguments named after the tasks and/or a
+    ``labels`` mapping; ``task=`` runs one task's path only (its head and, with task-specific
+    connections, its normalisations). Only safetensors checkpoints are read.
+    """
+
+    config_class = MultiTaskConfig
+    config: MultiTaskConfig
+    main_input_name = "pixel_values"
+    #: Labels are per task; the Trainer must not pass ``num_items_in_batch`` to ``forward``.
+    accepts_loss_kwargs = False
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: MultiTaskConfig):
+        super().__init__(config)
+        if config.backbone_config is None:
+            raise ValueError("MultiTaskConfig has no backbone: give backbone_config or backbone_pretrained")
+        if not config.tasks:
+            raise ValueError("MultiTaskConfig has no tasks: give tasks=[{'name': ..., 'kind': ...}, ...]")
+        self.modality = backbone_modality(config.backbone_config)
+        self.main_input_name = "pixel_values" if self.modality == "vision" else "input_ids"
+        # Inside ``from_pretrained`` the model is built on the meta device and every weight comes from
+        # the checkpoint, so the backbone's own pretrained weights are only read for a fresh model.
+        fresh = torch.get_default_device().type != "meta"
+        self.backbone = build_backbone(config.backbone_config, config.backbone_pretrained if fresh else None)
+        channels = feature_channels(self.backbone, config.backbone_config, config.feature_levels)
+        self.heads = nn.ModuleDict({t["name"]: self._make_head(t, channels) for t in config.tasks})
+        if config.task_connections is not None:
+            self._convert_backbone(config.task_connections)
+        self.post_init()
+
+    def _make_head(self, task: Mapping[str, Any], channels: int) -> nn.Module:
+        if self.modality == "vision":
+            return DenseHead(channels, task["num_outputs"])
+        head_class = TokenHead if task["kind"] == "token_classification" else SequenceHead
+        return head_class(channels, task["num_outputs"], self.config.head_dropout)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names, in order."""
+        return self.config.task_names
+
+    # -- task-specific connections -------------------------------------------------------------
+    def add_task_connections(self, **options: Any) -> MultiTaskModel:
+        """Give every task its own normalisations in the backbone (saved and reloaded with the model)."""
+        if self.config.task_connections is not None:
+            raise ValueError("this model already has task-specific connections")
+        self._convert_backbone(options)
+        self.config.task_connections = {k: v for k, v in options.items() if k != "example_input"}
+        return self
+
+    def _convert_backbone(self, options: Mapping[str, Any]) -> None:
+        options = dict(options)
+        if self.modality == "vision" and "example_input" not in options:
+            channels = getattr(self.config.backbone_config, "num_channels", 3)
+            options["example_input"] = torch.zeros(2, channels, 64, 64, device=next(self.backbone.parameters()).device)
+        add_task_connections(self.backbone, self.tasks, **options)
+
+    # -- LibMTL-style parameter access -----------------------------------------------------------
+    def get_share_params(self) -> Iterator[nn.Parameter]:
+        """Parameters shared by all tasks (the backbone's, minus task-specific connections)."""
+        task_specific = {id(p) for t in self.tasks for p in self.task_specific_parameters(t)}
+        return (p for p in self.backbone.parameters() if id(p) not in task_specific)
+
+    def task_specific_parameters(self, task: str) -> list[nn.Parameter]:
+        """Parameters that only ``task`` uses: its head and its backbone connections, if any."""
+        return list(self.heads[task].parameters()) + task_connection_parameters(self.backbone, task)
+
+    def zero_grad_share_params(self) -> None:
+        for p in self.get_share_params():
+            p.grad = None
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _backbone_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids) -> dict[str, Tensor]:
+        if self.modality == "vision":
+            if pixel_values is None or input_ids is not None:
+                raise ValueError("this model has a vision backbone: pass pixel_values (B x C x H x W), not input_ids")
+            if pixel_values.dim() != 4:
+                raise ValueError(f"pixel_values must be B x C x H x W, got shape {tuple(pixel_values.shape)}")
+            return {"pixel_values": pixel_values}
+        if input_ids is None or pixel_values is not None:
+            raise ValueError("this model has a text encoder: pass input_ids (and attention_mask), not pixel_values")
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return {k: v for k, v in inputs.items() if v is not None}
+
+    def _features(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Fused multi-level maps (vision) or token states (text)."""
+        if self.modality == "text":
+            return self.backbone(**inputs).last_hidden_state
+        if self.config.backbone_config.model_type in VIT_MODEL_TYPES:
+            maps = vit_feature_maps(self.backbone, inputs["pixel_values"], self.config.feature_levels)
+        else:
+            maps = self.backbone(inputs["pixel_values"]).feature_maps
+        return fuse_feature_maps(maps)
+
+    def _head(self, task: str, features: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+        kind = self.config.task(task)["kind"]
+        if self.modality == "vision":
+            return self.heads[task](features, tuple(inputs["pixel_values"].shape[-2:]))
+        if kind == "token_classification":
+            return self.heads[task](features)
+        if self.config.pooling == "cls":
+            return self.heads[task](features[:, 0])
+        return self.heads[task](mean_pool(features, inputs.get("attention_mask")))
+
+    def _collect_labels(self, labels: Mapping[str, Tensor] | None, task_labels: dict[str, Any]) -> dict[str, Tensor]:
+        if labels is not None and not isinstance(labels, Mapping):
+            raise TypeError(f"labels must map task names to tensors (tasks: {self.tasks}), got {type(labels).__name__}")
+        merged = {**(labels or {}), **task_labels}
+        unknown = sorted(set(merged) - set(self.tasks))
+        if unknown:
+            raise TypeError(f"unexpected inputs {unknown}; expected model inputs and labels named {self.tasks}")
+        return merged
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        *,
+        task: str | None = None,
+        labels: Mapping[str, Tensor] | None = None,
+        **task_labels: Tensor,
+    ) -> MultiTaskModelOutput:
+        inputs = self._backbone_inputs(pixel_values, input_ids, attention_mask, token_type_ids)
+        labels = self._collect_labels(labels, task_labels)
+        if task is not None and task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; tasks are {self.tasks}")
+        run = [task] if task is not None else self.tasks
+        logits: dict[str, Tensor] = {}
+        if has_task_connections(self.backbone):
+            for t in run:
+                with active_task(self.backbone, t):
+                    logits[t] = self._head(t, self._features(inputs), inputs)
+        else:
+            features = self._features(inputs)
+            for t in run:
+                logits[t] = self._head(t, features, inputs)
+        if not labels:
+            return MultiTaskModelOutput(logits=logits)
+        missing = [t for t in run if t not in labels]
+        if missing:
+            raise ValueError(f"missing labels for tasks {missing}; got labels for {sorted(labels)}")
+        losses = {}
+        for t in run:
+            entry = self.config.task(t)
+            losses[t] = HEAD_KINDS[entry["kind"]].loss(logits[t], labels[t], ignore_index=entry["ignore_index"])
+        loss = torch.stack([self.config.task(t)["loss_weight"] * losses[t] for t in run]).sum()
+        return MultiTaskModelOutput(loss=loss, logits=logits, losses=losses)
+
+    @torch.no_grad()
+    def predict(self, inputs: Mapping[str, Tensor] | Tensor, task: str | None = None) -> dict[str, Tensor]:
+        """Task outputs in user units: class ids (segmentation, parts, classification, tokens), depth in
+        label units (metres for NYUD-v2), unit normals, probabilities (saliency, edges), regression values."""
+        if isinstance(inputs, Tensor):
+            inputs = {self.main_input_name: inputs}
+        names = ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
+        model_inputs = {k: v for k, v in inputs.items() if k in names}
+        training = self.training
+        self.eval()
+        try:
+            logits = self(**model_inputs, task=task).logits
+        finally:
+            self.train(training)
+        return {t: HEAD_KINDS[self.config.task(t)["kind"]].predict(value) for t, value in logits.items()}
+
+    # -- sharing -------------------------------------------------------------------------------------
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload multi-task model",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "50GB",
+        **card_fields: Any,
+    ) -> Any:
+        """Upload the safetensors checkpoint, its config and a model card in one commit.
+
+        ``card_fields`` go to :func:`~mtl_plugins.hub.build_model_card` (``method``, ``method_settings``,
+        ``metrics``, ``delta_m``, ``datasets``, ``task_groups``, ``priority_stats``, ``base_model``,
+        ``license``). Returns the commit info.
+        """
+        card = build_model_card(self.config, repo_id=repo_id, **card_fields)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            card.save(Path(folder) / "README.md")
+            files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+            operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                          for p in files]
+            return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, tasks: Sequence[Any] | None = None, **kwargs: Any):
+        """Load a checkpoint (safetensors only). ``tasks`` (names or task dicts) and ``config``, when
+        given, must match the checkpoint's tasks and head kinds; any weight the checkpoint lacks or
+        has in excess is an error."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("MultiTaskModel reads safetensors checkpoints only; pickle checkpoints are refused")
+        if kwargs.get("ignore_mismatched_sizes"):
+            raise ValueError("ignore_mismatched_sizes would leave heads untrained; load with matching tasks instead")
+        kwargs["use_safetensors"] = True
+        want_info = kwargs.pop("output_loading_info", False)
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        saved = MultiTaskConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        given = kwargs.get("config")
+        if isinstance(given, MultiTaskConfig):
+            check_tasks_match(saved.tasks, given.tasks, pretrained_model_name_or_path)
+        if tasks is not None:
+            check_tasks_match(saved.tasks, tasks, pretrained_model_name_or_path)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+        if problems:
+            raise ValueError(f"checkpoint {str(pretrained_model_name_or_path)!r} does not match the model: {problems}")
+        return (model, info) if want_info else model
+
+
+def check_tasks_match(saved: Sequence[Mapping[str, Any]], requested: Sequence[Any], source: Any) -> None:
+    """Raise ``ValueError`` naming every task whose presence, kind or output size differs."""
+    saved_by_name = {t["name"]: t for t in saved}
+    if isinstance(requested, str):
+        raise TypeError(f"tasks must be a list of task names or task dicts, got {requested!r}")
+    wanted = {}
+    for t in requested:
+        entry = {"name": t} if isinstance(t, str) else dict(t)
+        wanted[entry["name"]] = entry
+    problems = []
+    missing = [n for n in wanted if n not in saved_by_name]
+    extra = [n for n in saved_by_name if n not in wanted]
+    if missing:
+        problems.append(f"tasks {missing} are not in the checkpoint")
+    if extra:
+        problems.append(f"the checkpoint has tasks {extra} that were not requested")
+    for name in [n for n in wanted if n in saved_by_name]:
+        entry, have = wanted[name], saved_by_name[name]
+        if "kind" in entry and entry["kind"] != have["kind"]:
+            problems.append(f"task {name!r} is {have['kind']!r} in the checkpoint, requested {entry['kind']!r}")
+        elif "kind" in entry and normalize_task(entry, None)["num_outputs"] != have["num_outputs"]:
+            problems.append(f"task {name!r} has {have['num_outputs']} outputs in the checkpoint, "
+                            f"requested {normalize_task(entry, None)['num_outputs']}")
+    if problems:
+        raise ValueError(f"checkpoint {str(source)!r} does not match the requested tasks: " + "; ".join(problems)
+                         + f" (checkpoint tasks: {[(t['name'], t['kind']) for t in saved]})")

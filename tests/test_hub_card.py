@@ -1,0 +1,114 @@
+"""Model cards and push_to_hub (the upload intercepted: no network)."""
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.hf_api import RepoUrl
+from safetensors.torch import load
+from test_hub_fixtures import DENSE_TASKS, TEXT_TASKS, bert_config, convnext_config, resnet_config
+
+import mtl_plugins
+from mtl_plugins.hub import MultiTaskConfig, MultiTaskModel, build_model_card
+from mtl_plugins.hub.card import card_fields_from_strategy
+
+METRICS = {"sentiment/accuracy": 0.8125, "score/mae": 0.4321}
+SETTINGS = {"warmup_steps": 100, "beta": 0.001}
+
+
+def text_config(**options):
+    return MultiTaskConfig(backbone_config=bert_config(), tasks=TEXT_TASKS[:2], **options)
+
+
+def test_card_metadata_and_text_carry_every_field():
+    card = build_model_card(
+        text_config(backbone_pretrained="packaged:all-MiniLM-L6-v2"), repo_id="org/drug-mtl", method="sel_update",
+        method_settings=SETTINGS, metrics=METRICS, delta_m=3.25, datasets=["drug_reviews"],
+        task_groups=[["sentiment"], ["score"]], license="apache-2.0",
+    )
+    data = card.data.to_dict()
+    assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data["datasets"] == ["drug_reviews"] and data["library_name"] == "transformers"
+    assert data["license"] == "apache-2.0"
+    assert data["tags"] == ["mtl-plugins", "multi-task-learning", "sel_update"]
+    assert data["mtl_tasks"] == [
+        {"name": "sentiment", "kind": "sequence_classification", "num_outputs": 3, "loss_weight": 1.0},
+        {"name": "score", "kind": "regression", "num_outputs": 1, "loss_weight": 1.0},
+    ]
+    assert data["mtl_method"] == "sel_update" and data["mtl_method_settings"] == SETTINGS
+    assert data["mtl_metrics"] == METRICS and data["mtl_delta_m"] == 3.25
+    assert data["mtl_task_groups"] == [["sentiment"], ["score"]] and "mtl_priority_stats" not in data
+    text = card.text
+    assert text.startswith("# drug-mtl")
+    assert "| sentiment | sequence_classification | 3 | 1 |" in text
+    assert "| warmup_steps | 100 |" in text and "| sentiment | accuracy | 0.8125 |" in text
+    assert "Delta_m against single-task models: +3.25%" in text and "- sentiment\n- score" in text
+    assert 'AutoModel.from_pretrained("org/drug-mtl")' in text
+    assert ModelCard(str(card)).data.to_dict() == data  # the card parses back to the same metadata
+
+
+def test_card_rejects_metrics_and_groups_that_do_not_fit_the_tasks():
+    with pytest.raises(ValueError, match="metrics keys must be '<task>/<metric>'"):
+        build_model_card(text_config(), metrics={"rating/accuracy": 0.5})
+    with pytest.raises(ValueError, match="must partition the tasks"):
+        build_model_card(text_config(), task_groups=[["sentiment"]])
+    local = build_model_card(text_config(backbone_pretrained=None))
+    assert local.data.base_model is None and "mtl_method" not in local.data.to_dict()
+
+
+def test_card_fields_from_strategies():
+    ew = card_fields_from_strategy(mtl_plugins.build_strategy("ew", ["sentiment", "score"], loss_weights={"score": 2.0}))
+    assert ew == {"method": "ew", "method_settings": {"loss_weights": {"sentiment": 1.0, "score": 2.0}, "seed": 0}}
+    sel = mtl_plugins.build_strategy("sel_update", ["sentiment", "score"], warmup_steps=5)
+    sel.groups = [["score", "sentiment"]]
+    fields = card_fields_from_strategy(sel)
+    assert fields["method"] == "sel_update" and fields["task_groups"] == [["score", "sentiment"]]
+    assert fields["method_settings"]["warmup_steps"] == 5 and fields["method_settings"]["affinity_decay"] == 0.001
+    assert "- score, sentiment" in build_model_card(text_config(), **fields).text
+    torch.manual_seed(0)
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=DENSE_TASKS[:2])).add_task_connections()
+    strategy = mtl_plugins.build_strategy("conn_strength", model.tasks, model=model, schedule="phase2")
+    fields = card_fields_from_strategy(strategy)
+    assert fields["method"] == "conn_strength" and fields["method_settings"]["schedule"] == "phase2"
+    assert fields["priority_stats"] == strategy.priority() and len(fields["priority_stats"]) > 0
+    card = build_model_card(model.config, **fields)
+    layer, shares = next(iter(fields["priority_stats"].items()))
+    assert card.data.mtl_priority_stats == fields["priority_stats"]
+    assert f"| {layer} | {shares[0]:.4g} | {shares[1]:.4g} |" in card.text
+
+
+def test_push_to_hub_sends_weights_config_and_card_in_one_commit(monkeypatch):
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["commit"] = {"repo_id": repo_id, **kwargs,
+                           "files": {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}}
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    torch.manual_seed(0)
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=convnext_config(), tasks=DENSE_TASKS[:2]))
+    result = model.push_to_hub("org/nyud-mtl", private=True, method="ew", metrics={"seg/miou": 0.41}, delta_m=-1.5,
+                               datasets=["nyud-v2"], base_model="facebook/convnext-tiny-224")
+    assert result == "commit-info"
+    assert calls["create_repo"] == ("org/nyud-mtl", {"private": True, "exist_ok": True})
+    commit = calls["commit"]
+    assert commit["repo_id"] == "org/nyud-mtl" and commit["commit_message"] == "Upload multi-task model"
+    assert commit["revision"] is None and commit["create_pr"] is False
+    assert sorted(commit["files"]) == ["README.md", "config.json", "model.safetensors"]
+    weights = load(commit["files"]["model.safetensors"])
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    card = ModelCard(commit["files"]["README.md"].decode())
+    assert card.data.base_model == "facebook/convnext-tiny-224" and card.data.datasets == ["nyud-v2"]
+    assert card.data.mtl_method == "ew" and card.data.mtl_metrics == {"seg/miou": 0.41}
+    assert card.data.mtl_delta_m == -1.5 and [t["name"] for t in card.data.mtl_tasks] == ["seg", "parts"]
+    assert b'"model_type": "mtl_multitask"' in commit["files"]["config.json"]
+    calls.clear()
+    with pytest.raises(TypeError, match="methd"):
+        model.push_to_hub("org/x", methd="ew")
+    assert calls == {}  # a bad card field stops before anything is created or uploaded

@@ -1,0 +1,94 @@
+"""Each named loss against a hand computation (plain Python math, no torch.nn.functional)."""
+
+import math
+
+import pytest
+import torch
+
+from mtl_plugins.losses import LOSSES, balanced_bce, depth_l1, edge_bce, get_loss, masked_cross_entropy, normals_l1
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_masked_cross_entropy_ignores_255_on_maps():
+    # 1 image, 2 classes, 1 x 3 pixels; the middle pixel is ignored.
+    logits = torch.tensor([[[[0.0, 5.0, math.log(3.0)]], [[math.log(3.0), -2.0, 0.0]]]])
+    target = torch.tensor([[[1, 255, 0]]])
+    # pixel 0: p(class 1) = 3 / (1 + 3); pixel 2: p(class 0) = 3 / (3 + 1)
+    expected = (-math.log(3 / 4) - math.log(3 / 4)) / 2
+    assert masked_cross_entropy(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_cross_entropy_on_sequences_with_custom_ignore_index():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    target = torch.tensor([0, -100])
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert masked_cross_entropy(logits, target, ignore_index=-100).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_cross_entropy_all_ignored_is_zero_with_a_gradient_path():
+    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    loss = masked_cross_entropy(logits, torch.full((1, 2, 2), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_masked_cross_entropy_rejects_out_of_range_labels_and_bad_shapes():
+    with pytest.raises(ValueError, match=r"labels \[7\] are outside \[0, 2\]"):
+        masked_cross_entropy(torch.zeros(1, 3, 1, 2), torch.tensor([[[7, 255]]]))
+    with pytest.raises(ValueError, match="do not match logits"):
+        masked_cross_entropy(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 3, dtype=torch.long))
+
+
+def test_depth_l1_uses_valid_pixels_only():
+    prediction = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    # 0 marks missing depth and nan an unreadable pixel: only the first and the last pixel count
+    target = torch.tensor([[[1.5, 0.0], [float("nan"), 2.5]]])
+    assert depth_l1(prediction, target).item() == pytest.approx((0.5 + 1.5) / 2)
+    # 255 is the ignore value
+    target_255 = torch.tensor([[[[255.0, 2.0], [1.0, 1.0]]]])
+    assert depth_l1(prediction, target_255).item() == pytest.approx((0.0 + 2.0 + 3.0) / 3)
+
+
+def test_normals_l1_normalises_prediction_and_averages_per_pixel():
+    # pixel 0 predicts (3, 0, 4) -> unit (0.6, 0, 0.8); label (0, 0, 1): |0.6| + 0 + |0.8 - 1| = 0.8
+    # pixel 1 predicts (0, 2, 0) -> (0, 1, 0); label (0, 1, 0): 0
+    # pixel 2 is ignored (one channel is 255)
+    prediction = torch.tensor([[[[3.0, 0.0, 1.0]], [[0.0, 2.0, 1.0]], [[4.0, 0.0, 1.0]]]])
+    target = torch.tensor([[[[0.0, 0.0, 255.0]], [[0.0, 1.0, 0.0]], [[1.0, 0.0, 0.0]]]])
+    assert normals_l1(prediction, target).item() == pytest.approx((0.8 + 0.0) / 2, rel=1e-6)
+
+
+def test_edge_bce_weights_positives_by_095():
+    logits = torch.tensor([[[[0.5, -1.0, 2.0]]]])
+    target = torch.tensor([[[1, 0, 255]]])
+    w = 0.95
+    expected = (-w * log_sigmoid(0.5) - (1 - w) * log_sigmoid(1.0)) / 2
+    assert edge_bce(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert LOSSES["edge_bce"](logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_saliency_balanced_bce_weights_by_label_balance():
+    # valid labels 1, 0, 0 (one ignored): w = share of negatives = 2 / 3
+    logits = torch.tensor([[[[1.0, 0.0, -2.0, 3.0]]]])
+    target = torch.tensor([[[[1, 0, 0, 255]]]])
+    w = 2 / 3
+    expected = (-w * log_sigmoid(1.0) - (1 - w) * log_sigmoid(-0.0) - (1 - w) * log_sigmoid(2.0)) / 3
+    assert balanced_bce(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dense_losses_reject_label_shapes_that_do_not_match():
+    with pytest.raises(ValueError, match="depth loss: labels of shape"):
+        depth_l1(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="pos_weight must be in"):
+        balanced_bce(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2), pos_weight=1.5)
+
+
+def test_get_loss_knows_the_dense_names():
+    for name in ("masked_cross_entropy", "depth_l1", "normals_l1", "balanced_bce", "edge_bce"):
+        assert get_loss(name) is LOSSES[name]
+    with pytest.raises(ValueError, match="unknown loss 'dice'"):
+        get_loss("dice")
