@@ -17,7 +17,7 @@ from .pretrained import resolve_pretrained
 VIT_MODEL_TYPES = ("vit",)
 #: How many feature levels are fused by default (spread evenly over the stages or blocks).
 DEFAULT_NUM_LEVELS = 4
-TASK_KEYS = ("name", "kind", "num_outputs", "loss_weight", "ignore_index", "labels")
+TASK_KEYS = ("name", "kind", "num_outputs", "loss_weight", "ignore_index", "labels", "loss")
 
 
 def backbone_modality(config: PreTrainedConfig) -> str:
@@ -71,10 +71,22 @@ def normalize_task(task: Mapping[str, Any], modality: str | None) -> dict[str, A
     if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or loss_weight < 0:
         raise ValueError(f"task {name!r}: loss_weight must be a non-negative number, got {loss_weight!r}")
     ignore_index = task.get("ignore_index", spec.ignore_index)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if spec.ignore_index is None:  # regression maps: no ignore value by default, any number allowed
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, float))):
+            raise ValueError(f"task {name!r}: ignore_index must be a number or None, got {ignore_index!r}")
+    elif isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"task {name!r}: ignore_index must be an integer, got {ignore_index!r}")
     entry = {"name": name, "kind": kind, "num_outputs": num_outputs, "loss_weight": float(loss_weight),
              "ignore_index": ignore_index}
+    if spec.losses:
+        loss = task.get("loss", spec.default_loss)
+        if loss not in spec.losses:
+            raise ValueError(f"task {name!r}: kind {kind!r} trains with one of {sorted(spec.losses)}, "
+                             f"got loss={loss!r}")
+        entry["loss"] = loss
+    elif task.get("loss") is not None:
+        raise ValueError(f"task {name!r}: kind {kind!r} has a fixed loss; 'loss' applies to "
+                         f"{[k for k, v in HEAD_KINDS.items() if v.losses]} only")
     if task.get("labels") is not None:
         labels = [str(label) for label in task["labels"]]
         if len(labels) != num_outputs:
@@ -92,8 +104,9 @@ class MultiTaskConfig(PreTrainedConfig):
         backbone_pretrained: a local folder, a Hub repo id or a ``packaged:`` name whose weights initialise
             the backbone (its config is read from there when ``backbone_config`` is not given).
         tasks: one dict per task: ``name``, ``kind`` (see ``HEAD_KINDS``), ``num_outputs``,
-            ``loss_weight`` (1.0), ``ignore_index`` (255 for dense kinds, -100 for text) and optional
-            class ``labels``.
+            ``loss_weight`` (1.0), ``ignore_index`` (255 for dense kinds, -100 for text, None for
+            ``dense_regression``), optional class ``labels`` and, for ``dense_regression``, ``loss``
+            (``l1``, the default, or ``mse``).
         feature_levels: vision only: the stages (or ViT blocks, 1-based) whose features are fused;
             default four levels spread evenly up to the last one.
         pooling: text only: ``mean`` (masked mean of token states) or ``cls`` (first token).

@@ -189,14 +189,16 @@ class MultiTaskModel(PreTrainedModel):
         losses = {}
         for t in run:
             entry = self.config.task(t)
-            losses[t] = HEAD_KINDS[entry["kind"]].loss(logits[t], labels[t], ignore_index=entry["ignore_index"])
+            loss_fn = HEAD_KINDS[entry["kind"]].loss_for(entry.get("loss"))
+            losses[t] = loss_fn(logits[t], labels[t], ignore_index=entry["ignore_index"])
         loss = torch.stack([self.config.task(t)["loss_weight"] * losses[t] for t in run]).sum()
         return MultiTaskModelOutput(loss=loss, logits=logits, losses=losses)
 
     @torch.no_grad()
     def predict(self, inputs: Mapping[str, Tensor] | Tensor, task: str | None = None) -> dict[str, Tensor]:
         """Task outputs in user units: class ids (segmentation, parts, classification, tokens), depth in
-        label units (metres for NYUD-v2), unit normals, probabilities (saliency, edges), regression values."""
+        label units (metres for NYUD-v2), unit normals, probabilities (saliency, edges), regression values,
+        ``B x C x H x W`` maps (dense regression)."""
         if isinstance(inputs, Tensor):
             inputs = {self.main_input_name: inputs}
         names = ("pixel_values", "input_ids", "attention_mask", "token_type_ids")

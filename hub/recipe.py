@@ -2,6 +2,7 @@
 
 Recipe task kinds map to head kinds (``classification`` -> ``sequence_classification`` for text,
 ``regression`` -> ``regression``; dense kinds keep their names) unless ``task_kinds`` names them.
+A ``dense_regression`` head trains with the task spec's loss (``l1`` or ``mse``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .modeling import MultiTaskModel
 
 #: Recipe task kind -> (head kind, the loss the head computes, as a recipe loss name).
 SPEC_KINDS = {"classification": ("sequence_classification", "cross_entropy"), "regression": ("regression", "mse")}
+#: Recipe loss names that a head kind with a choice of losses knows under a shorter name.
+REGRESSION_LOSSES = {"dense_l1": "l1", "dense_mse": "mse"}
 
 
 def head_task(name: str, spec: TaskSpec, kind: str | None, loss_weight: float) -> dict[str, Any]:
@@ -32,7 +35,14 @@ def head_task(name: str, spec: TaskSpec, kind: str | None, loss_weight: float) -
             kind = spec.kind
         else:
             raise ValueError(f"task {name!r}: no head kind for task kind {spec.kind!r}; set model.options.task_kinds")
-    return {"name": name, "kind": kind, "num_outputs": spec.num_outputs, "loss_weight": loss_weight}
+    entry = {"name": name, "kind": kind, "num_outputs": spec.num_outputs, "loss_weight": loss_weight}
+    if HEAD_KINDS[kind].losses:
+        loss = REGRESSION_LOSSES.get(spec.loss, spec.loss)
+        if loss not in HEAD_KINDS[kind].losses:
+            raise ValueError(f"task {name!r}: the {kind} head trains with {sorted(HEAD_KINDS[kind].losses)}, "
+                             f"the dataset asks for {spec.loss!r}")
+        entry["loss"] = loss
+    return entry
 
 
 @register_model("hub_multitask")

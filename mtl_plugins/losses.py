@@ -3,7 +3,8 @@
 Dense losses follow the ICLR 2025 selective-update recipe: cross-entropy ignoring 255 for
 segmentation and human parts, L1 on valid pixels for depth, L1 on the L2-normalised prediction for
 normals, class-balanced binary cross-entropy for edges (positive weight 0.95) and saliency (weight
-from the label balance). Masked losses average over valid positions and are 0 when none is valid.
+from the label balance). Signed dense regression maps (Taskonomy) use L1 or MSE over every element.
+Masked losses average over valid positions and are 0 when none is valid.
 """
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ def normals_l1(prediction: Tensor, target: Tensor, ignore_index: int = 255) -> T
     return _masked_mean(per_pixel, valid)
 
 
+def _dense_regression_valid(target: Tensor, ignore_index: float | None) -> Tensor:
+    """Finite elements that are not ``ignore_index`` (every finite one when it is None); no sign test."""
+    valid = torch.isfinite(target)
+    if ignore_index is not None:
+        valid &= target != ignore_index
+    return valid
+
+
+def dense_l1(prediction: Tensor, target: Tensor, ignore_index: float | None = None) -> Tensor:
+    """Mean absolute error over every element of ``B x C x H x W`` maps (signed values are all valid;
+    non-finite labels and, when given, labels equal to ``ignore_index`` are left out)."""
+    target = _dense_target(prediction, target, "dense regression L1")
+    valid = _dense_regression_valid(target, ignore_index)
+    return _masked_mean((prediction - torch.nan_to_num(target)).abs(), valid)
+
+
+def dense_mse(prediction: Tensor, target: Tensor, ignore_index: float | None = None) -> Tensor:
+    """Mean squared error over every element of ``B x C x H x W`` maps, with the validity rule of
+    :func:`dense_l1`."""
+    target = _dense_target(prediction, target, "dense regression MSE")
+    valid = _dense_regression_valid(target, ignore_index)
+    return _masked_mean((prediction - torch.nan_to_num(target)) ** 2, valid)
+
+
 def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None = None, ignore_index: int = 255) -> Tensor:
     """Class-balanced binary cross-entropy with logits over valid pixels.
 
@@ -113,6 +138,8 @@ LOSSES: dict[str, LossFn] = {
     "normals_l1": normals_l1,
     "balanced_bce": balanced_bce,
     "edge_bce": edge_bce,
+    "dense_l1": dense_l1,
+    "dense_mse": dense_mse,
 }
 
 

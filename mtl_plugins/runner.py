@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import yaml
 from . import build_architecture, build_strategy
 from .data import DataBundle, build_data
 from .metrics import delta_m, task_metric
+from .metrics.paper import delta_m_selection
 from .models import build_model as build_recipe_model
 from .plots import plot_loss_curves
 from .registry import STRATEGIES
@@ -102,8 +103,21 @@ def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int) -> dict[
     return {f"{t}/{data.task_specs[t].metric}": m.compute() for t, m in metrics.items()}
 
 
-def higher_is_better(data: DataBundle) -> dict[str, bool]:
-    return {f"{t}/{spec.metric}": spec.higher_is_better for t, spec in data.task_specs.items()}
+def higher_is_better(data: DataBundle, dataset: str | None = None,
+                     available: Collection[str] = ()) -> dict[str, bool]:
+    """The metrics Delta_m averages, ``{"<task>/<metric>": higher_is_better}``.
+
+    The papers' selection for ``dataset`` (:func:`~mtl_plugins.metrics.paper.delta_m_selection`) when
+    it has one and every metric it names is in ``available``; otherwise each task's main metric.
+    """
+    main = {f"{t}/{spec.metric}": spec.higher_is_better for t, spec in data.task_specs.items()}
+    if dataset is None:
+        return main
+    try:
+        selection = delta_m_selection(dataset)
+    except ValueError:  # no paper selection for this dataset
+        return main
+    return selection if all(name in available for name in selection) else main
 
 
 def is_main_process() -> bool:
@@ -191,9 +205,29 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     return {k: v for k, v in cached.items() if k.split("/")[0] in tasks}
 
 
+def save_hub_model(model: torch.nn.Module, folder: Path, summary: Mapping[str, Any], strategy: Any) -> bool:
+    """Save a Hugging Face model with ``save_pretrained`` (safetensors) to ``folder``, with a model card
+    (``README.md``: strategy, test metrics, Delta_m) when its config is a multi-task config.
+    Returns False, saving nothing, for models without ``save_pretrained``."""
+    if not callable(getattr(model, "save_pretrained", None)):
+        return False
+    model.save_pretrained(folder)  # safetensors
+    if hasattr(getattr(model, "config", None), "task_names"):
+        from .hub.card import build_model_card, card_fields_from_strategy
+
+        card = build_model_card(model.config, metrics=summary["test_metrics"], delta_m=summary.get("delta_m"),
+                                **card_fields_from_strategy(strategy))
+        card.save(folder / "README.md")
+    return True
+
+
 def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, baselines: str | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Run a recipe and write its outputs; returns the summary written to ``results.json``.
+
+    Outputs: ``config.yaml``, ``train_log.jsonl``, ``results.json``, ``model.safetensors``,
+    ``strategy_state.pt``, plots and, for Hugging Face models, ``model/`` (``save_pretrained``
+    folder with a model card) that ``AutoModel.from_pretrained`` loads after ``import mtl_plugins.hub``.
 
     Under a distributed launch every process trains and only the main process writes outputs.
     """
@@ -215,12 +249,16 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
     reference = single_task_baselines(recipe, tasks, baselines or recipe.get("baselines", "cache"), progress)
     if reference is not None:
         summary["single_task_metrics"] = reference
-        summary["delta_m"] = delta_m(metrics, reference, higher_is_better(data))
+        dataset = recipe.get("data", {}).get("dataset", "multidigits")
+        selection = higher_is_better(data, dataset, set(metrics) & set(reference))
+        summary["delta_m"] = delta_m(metrics, reference, selection)
+        summary["delta_m_metrics"] = list(selection)
     if not main:
         return summary
     from safetensors.torch import save_model
 
     save_model(result["model"], str(out / "model.safetensors"))
+    save_hub_model(result["model"], out / "model", summary, result["strategy"])
     torch.save(result["strategy"].state_dict(), out / "strategy_state.pt")
     plots = [plot_loss_curves(result["records"], tasks, out / "loss_curves.png")]
     plots += result["strategy"].write_plots(out)

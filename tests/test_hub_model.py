@@ -252,3 +252,61 @@ def test_predict_returns_user_units_and_keeps_training_mode():
     assert torch.equal(out["sentiment"], logits["sentiment"].argmax(1))
     torch.testing.assert_close(out["score"], logits["score"][:, 0])
     assert out["tags"].shape == (3, 7) and torch.equal(out["tags"], logits["tags"].argmax(-1))
+
+
+# -- dense regression (signed maps with any channel count) -----------------------------------------
+
+
+def test_dense_regression_head_predicts_any_channels_with_l1_or_mse_over_every_pixel(tmp_path):
+    tasks = [{"name": "curvature", "kind": "dense_regression", "num_outputs": 2, "loss": "mse"},
+             {"name": "reshading", "kind": "dense_regression", "num_outputs": 5},
+             {"name": "keypoints", "kind": "dense_regression", "num_outputs": 1, "ignore_index": -1.0}]
+    model = dense_model(convnext_config(), tasks=tasks).eval()
+    assert [t.get("loss") for t in model.config.tasks] == ["mse", "l1", "l1"]
+    assert [t["ignore_index"] for t in model.config.tasks] == [None, None, -1.0]
+    x = torch.randn(2, 3, 32, 32)
+    maps = model.backbone(x).feature_maps
+    largest = maps[0].shape[-2:]
+    fused = torch.cat([F.interpolate(m, size=largest, mode="bilinear", align_corners=False) for m in maps], dim=1)
+    g = torch.Generator().manual_seed(1)
+    labels = {"curvature": torch.randn(2, 2, 32, 32, generator=g), "reshading": torch.randn(2, 5, 32, 32, generator=g),
+              "keypoints": torch.randn(2, 1, 32, 32, generator=g)}
+    labels["keypoints"][:, :, :8] = -1.0
+    out = model(pixel_values=x, **labels)
+    for task in tasks:
+        conv = model.heads[task["name"]].conv
+        manual = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], fused) + conv.bias[None, :, None, None]
+        manual = F.interpolate(manual, size=(32, 32), mode="bilinear", align_corners=False)
+        assert out.logits[task["name"]].shape == (2, task["num_outputs"], 32, 32)
+        torch.testing.assert_close(out.logits[task["name"]], manual, rtol=1e-5, atol=1e-5)
+    logits = out.logits
+    torch.testing.assert_close(out.losses["curvature"], ((logits["curvature"] - labels["curvature"]) ** 2).mean())
+    torch.testing.assert_close(out.losses["reshading"], (logits["reshading"] - labels["reshading"]).abs().mean())
+    kept = labels["keypoints"] != -1.0
+    torch.testing.assert_close(out.losses["keypoints"], (logits["keypoints"] - labels["keypoints"])[kept].abs().mean())
+    predictions = model.predict(x)
+    torch.testing.assert_close(predictions["reshading"], logits["reshading"])
+    assert (predictions["reshading"] < 0).any()  # signed values are kept as they are
+    model.save_pretrained(tmp_path)
+    reloaded = MultiTaskModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.tasks == model.config.tasks
+    torch.testing.assert_close(reloaded(pixel_values=x, **labels).loss, out.loss)
+
+
+def test_dense_regression_config_errors_and_recipe_losses():
+    from mtl_plugins.data.dense.taskonomy import TASKS
+    from mtl_plugins.hub.recipe import head_task
+    from mtl_plugins.tasks import TaskSpec
+
+    with pytest.raises(ValueError, match="'dense_regression' trains with one of \\['l1', 'mse'\\], got loss='huber'"):
+        MultiTaskConfig(tasks=[{"name": "a", "kind": "dense_regression", "num_outputs": 1, "loss": "huber"}])
+    with pytest.raises(ValueError, match="kind 'depth' has a fixed loss"):
+        MultiTaskConfig(tasks=[{"name": "a", "kind": "depth", "loss": "mse"}])
+    with pytest.raises(ValueError, match="ignore_index must be a number or None"):
+        MultiTaskConfig(tasks=[{"name": "a", "kind": "dense_regression", "num_outputs": 1, "ignore_index": "x"}])
+    losses = {t: head_task(t, spec, None, 1.0).get("loss") for t, spec in TASKS.items()}
+    assert losses == {t: ("mse" if spec.loss == "mse" else None if spec.kind == "normals" else "l1")
+                      for t, spec in TASKS.items()}
+    assert losses["principal_curvature"] == "mse" and losses["reshading"] == "l1"
+    with pytest.raises(ValueError, match="the dense_regression head trains with"):
+        head_task("a", TaskSpec("dense_regression", 1, "huber", "l1", False), None, 1.0)

@@ -92,3 +92,21 @@ def test_get_loss_knows_the_dense_names():
         assert get_loss(name) is LOSSES[name]
     with pytest.raises(ValueError, match="unknown loss 'dice'"):
         get_loss("dice")
+
+
+def test_dense_regression_losses_count_every_signed_element():
+    from mtl_plugins.losses import dense_l1, dense_mse
+
+    # 1 x 2 x 1 x 2 maps: negative and zero labels are valid values, not missing ones
+    prediction = torch.tensor([[[[0.5, -1.0]], [[2.0, 0.0]]]])
+    target = torch.tensor([[[[-0.5, 0.0]], [[1.0, -2.0]]]])
+    errors = [0.5 - -0.5, -1.0 - 0.0, 2.0 - 1.0, 0.0 - -2.0]
+    assert dense_l1(prediction, target).item() == pytest.approx(sum(abs(e) for e in errors) / 4)
+    assert dense_mse(prediction, target).item() == pytest.approx(sum(e * e for e in errors) / 4)
+    # an ignore value leaves out the elements equal to it (here the 0.0 label)
+    assert dense_l1(prediction, target, ignore_index=0.0).item() == pytest.approx((1.0 + 1.0 + 2.0) / 3)
+    # one channel: B x H x W labels match B x 1 x H x W predictions
+    assert dense_l1(prediction[:, :1], target[:, 0]).item() == pytest.approx((1.0 + 1.0) / 2)
+    with pytest.raises(ValueError, match="dense regression L1: labels of shape"):
+        dense_l1(prediction, target[:, :1])
+    assert get_loss("dense_mse") is dense_mse
