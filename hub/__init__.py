@@ -1,8 +1,10 @@
 """Hub-ready multi-task models: ``MultiTaskConfig`` and ``MultiTaskModel``.
 
 Importing this module registers them with ``AutoConfig`` and ``AutoModel`` (model type
-``mtl_multitask``), so ``AutoModel.from_pretrained`` loads saved multi-task checkpoints after
-``import mtl_plugins.hub``. To load without importing it, call
+``mtl_multitask``). Plain ``import mtl_plugins`` is enough for ``AutoConfig``/``AutoModel.from_pretrained``
+to load saved multi-task checkpoints, whether transformers is imported before or after it: it registers
+a stand-in with ``AutoConfig`` that imports this module on first use (``mtl_plugins.auto_registration``).
+To load without ``mtl_plugins`` imported at all, call
 ``MultiTaskConfig.register_for_auto_class()`` and ``MultiTaskModel.register_for_auto_class("AutoModel")``
 before ``save_pretrained``/``push_to_hub``: the code is saved with the checkpoint and
 ``AutoModel.from_pretrained(..., trust_remote_code=True)`` loads it (the saved code imports the

@@ -1,7 +1,9 @@
 """mtl-plugins: multi-task optimization strategies and architectures as LibMTL-style plugins.
 
 ``import mtl_plugins`` is light: the Hugging Face integration (``mtl_plugins.trainers``,
-``mtl_plugins.hub``) is imported only when used.
+``mtl_plugins.hub``) is imported only when used, and transformers is not imported. It does arrange
+that ``transformers.AutoConfig``/``AutoModel.from_pretrained`` load saved multi-task checkpoints
+(see ``mtl_plugins.auto_registration``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from . import auto_registration
 from .registry import ARCHITECTURES, STRATEGIES, register_architecture, register_strategy
+
+auto_registration.install()
 
 __version__ = "0.1.0"
 
