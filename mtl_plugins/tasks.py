@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -17,3 +18,12 @@ class TaskSpec:
     higher_is_better: bool
     #: Multiplies regression errors to report them in user units (e.g. digit units).
     metric_scale: float = 1.0
+
+
+def select_tasks(tasks: Sequence[str] | None, available: Mapping[str, TaskSpec], dataset: str) -> list[str]:
+    """The requested tasks of ``dataset`` (all of them when ``tasks`` is None), checked by name."""
+    tasks = list(available) if tasks is None else list(tasks)
+    unknown = [t for t in tasks if t not in available]
+    if unknown or not tasks:
+        raise ValueError(f"unknown {dataset} tasks {unknown}; available: {list(available)}")
+    return tasks

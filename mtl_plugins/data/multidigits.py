@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import numpy as np
 
-from ..tasks import TaskSpec
+from ..tasks import TaskSpec, select_tasks
 from . import DataBundle, register_dataset
 
 SPLITS = ("train", "validation", "test")
@@ -47,11 +47,7 @@ RIGHT_START = 9
 
 
 def check_task_names(tasks: Sequence[str] | None) -> list[str]:
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown MultiDigits tasks {unknown}; available: {list(TASKS)}")
-    return tasks
+    return select_tasks(tasks, TASKS, "MultiDigits")
 
 
 def _pools(seed: int) -> dict[str, np.ndarray]:

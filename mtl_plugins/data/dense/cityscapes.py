@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ...tasks import TaskSpec
+from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
 from .layout import DatasetLayoutError, channels_last, dataset_root, limit, read_npy, require_dirs
 from .lazy import lazy_dataset
@@ -36,11 +36,7 @@ WHERE = ("Download the preprocessed Cityscapes arrays of LibMTL / Nash-MTL (trai
 
 
 def check_tasks(tasks: Sequence[str] | None) -> list[str]:
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"unknown Cityscapes tasks {unknown}; available: {list(TASKS)}")
-    return tasks
+    return select_tasks(tasks, TASKS, NAME)
 
 
 def load_sample(row: dict[str, Any]) -> dict[str, np.ndarray]:

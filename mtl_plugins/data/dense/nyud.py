@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ...tasks import TaskSpec
+from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
 from .layout import channels_last, dataset_root, find_file, limit, read_npy, read_png, read_rgb, read_split, require_dirs
 from .lazy import lazy_dataset
@@ -43,11 +43,7 @@ WHERE = ("Download the NYUD-v2 multi-task release of ATRC / InvPT (NYUDv2, with 
 
 
 def check_tasks(tasks: Sequence[str] | None) -> list[str]:
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"unknown NYUD-v2 tasks {unknown}; available: {list(TASKS)}")
-    return tasks
+    return select_tasks(tasks, TASKS, NAME)
 
 
 def load_sample(row: dict[str, Any]) -> dict[str, np.ndarray]:

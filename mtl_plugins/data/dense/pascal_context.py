@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ...tasks import TaskSpec
+from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
 from .layout import (DatasetLayoutError, channels_last, dataset_root, find_file, limit, read_mat, read_png, read_rgb,
                      read_split, require_dirs)
@@ -76,11 +76,7 @@ SUFFIXES = {"human_parts": ".mat", "sal": ".png", "normals": ".png", "edge": ".m
 
 
 def check_tasks(tasks: Sequence[str] | None) -> list[str]:
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"unknown PASCAL-Context tasks {unknown}; available: {list(TASKS)}")
-    return tasks
+    return select_tasks(tasks, TASKS, NAME)
 
 
 def semseg_path(root: Path, sample_id: str) -> Path:

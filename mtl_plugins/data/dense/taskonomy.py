@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ...tasks import TaskSpec
+from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
 from .layout import DatasetLayoutError, channels_last, dataset_root, read_png, read_rgb, require_dirs
 from .lazy import lazy_dataset
@@ -71,11 +71,7 @@ WHERE = ("Download the Taskonomy tiny split (rgb and the task folders, as the om
 
 
 def check_tasks(tasks: Sequence[str] | None) -> list[str]:
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"unknown Taskonomy tasks {unknown}; available: {list(TASKS)}")
-    return tasks
+    return select_tasks(tasks, TASKS, NAME)
 
 
 def read_buildings(csv_path: Path, excluded: frozenset[str] = EXCLUDED_BUILDINGS) -> dict[str, list[str]]:
