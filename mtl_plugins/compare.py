@@ -56,9 +56,15 @@ def prepare(recipe: Mapping[str, Any], specs: Sequence[str]) -> list[tuple[str, 
         name, options = parse_strategy(spec)
         canonical = STRATEGIES.resolve(name)
         STRATEGIES.check_options(canonical, options)
-        if tasks:  # builds it once: raises now if an optional dependency is missing
+        run = {**recipe, "strategy": {"name": canonical, "options": options}}
+        if STRATEGIES.get(canonical).needs_task_connections:
+            # conn_strength runs on the recipe's model with task-specific connections
+            model = dict(recipe.get("model") or {})
+            if model.get("architecture", "hps") in ("hps", "HPS"):
+                run["model"] = {**model, "architecture": "task_connections"}
+        elif tasks:  # builds it once: raises now if an optional dependency is missing
             build_strategy(canonical, tasks, **options)
-        runs.append((spec, {**recipe, "strategy": {"name": canonical, "options": options}}))
+        runs.append((spec, run))
     return runs
 
 

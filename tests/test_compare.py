@@ -77,3 +77,13 @@ def test_table_without_baselines_shows_no_delta_m():
     rows = [{"strategy": "ew", "t/accuracy": 0.5, "delta_m": None, "ms_per_batch": 12.345, "steps": 2}]
     table = compare.format_table(rows).splitlines()
     assert [c.strip() for c in table[2].strip("|").split("|")] == ["ew", "0.5000", "n/a", "12.3"]
+
+
+def test_model_aware_strategy_is_prepared_with_task_connections():
+    from mtl_plugins.compare import prepare
+    from mtl_plugins.config import load_recipe
+
+    runs = dict(prepare(load_recipe("quickstart"), ["ew", "conn_strength"]))
+    assert runs["conn_strength"]["model"]["architecture"] == "task_connections"
+    assert runs["conn_strength"]["strategy"] == {"name": "conn_strength", "options": {}}
+    assert runs["ew"]["model"]["architecture"] == "hps"

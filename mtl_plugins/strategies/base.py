@@ -95,6 +95,8 @@ class Strategy:
     multi_step: bool = False
     #: True when the strategy calls the closure with a task name (needs task-specific paths).
     needs_task_forward: bool = False
+    #: True when the strategy needs a model with task-specific connections (architecture ``task_connections``).
+    needs_task_connections: bool = False
     state_attributes: tuple[str, ...] = ("num_steps",)
 
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):

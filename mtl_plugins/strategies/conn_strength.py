@@ -84,6 +84,7 @@ class ConnectionStrength(Strategy):
     """
 
     needs_task_forward = True
+    needs_task_connections = True
     state_attributes = ("num_steps", "last_phase", "phase_counts", "timeline", "epoch", "drawn_epoch", "epoch_phase")
 
     def __init__(

@@ -1,0 +1,250 @@
+"""Quality: test metrics and Delta_m of strategies on recipes, over seeds, against single-task models.
+
+Every (benchmark, strategy, seed) is one run of :func:`mtl_plugins.compare.run_all` (the recipe's
+data, model and training options; ``training.seed`` = the seed; ``conn_strength`` on the recipe's
+model with task-specific connections). Single-task baselines (``ew`` on one task, the same recipe)
+come from :func:`mtl_plugins.runner.single_task_baselines` and its cache, for every seed or for the
+first seed only (then every seed is compared with them). Runs are independent jobs spread over
+worker processes, one torch thread each.
+
+From each run's saved strategy state the report shows ``sel_update``'s learned groups and affinity
+and ``conn_strength``'s Phase-2 share and task priority (share of channels whose top-priority task
+is each task, over all connected layers).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A recipe (bundled name or path) with overrides, the strategies run on it, and how."""
+
+    name: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    strategies: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    baseline_seeds: str = "each"  # "each" seed or the "first" one only
+    note: str = ""
+
+    def load(self) -> dict[str, Any]:
+        from mtl_plugins.config import apply_overrides, load_recipe
+
+        return apply_overrides(load_recipe(self.recipe), list(self.overrides))
+
+
+def strategy_recipe(base: Mapping[str, Any], strategy: str, seed: int, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``base`` with ``strategy`` (the recipe's own options if it already runs it) and ``training.seed``."""
+    recipe = copy.deepcopy(dict(base))
+    own = recipe.get("strategy") or {}
+    chosen = dict(own.get("options") or {}) if own.get("name") == strategy else dict(options or {})
+    recipe["strategy"] = {"name": strategy, "options": chosen}
+    recipe["training"] = {**recipe.get("training", {}), "seed": seed}
+    if strategy == "conn_strength":
+        recipe["model"] = {**recipe.get("model", {}), "architecture": "task_connections"}
+    return recipe
+
+
+def init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def strategy_extras(name: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report shows of a strategy's final state (sel_update groups, conn_strength priority)."""
+    if name == "sel_update":
+        counts = state.get("group_count_changes", [])
+        return {"groups": state["groups"], "affinity": state["affinity"].tolist(),
+                "group_count_changes": [list(c) for c in counts],
+                "clustering_failures": int(state.get("clustering_failures", 0))}
+    if name == "conn_strength":
+        phases = list(state.get("phase_counts", [0, 0]))
+        timeline = state.get("timeline") or []
+        return {"phase_counts": phases, "phase2_fraction": phases[1] / max(1, sum(phases)),
+                "priority": timeline[-1]["overall"] if timeline else None,
+                "priority_step": timeline[-1]["step"] if timeline else None,
+                "priority_layers": timeline[-1]["layers"] if timeline else None}
+    return {}
+
+
+def run_strategy_job(label: str, recipe: Mapping[str, Any], folder: str) -> dict[str, Any]:
+    """One training run (in a worker); returns compare's row, the strategy extras and the wall time."""
+    import torch
+
+    from mtl_plugins.compare import run_all
+
+    started = time.perf_counter()
+    row = run_all([(label, recipe)], folder, baselines="skip", progress=False)[0]
+    run_dir = Path(folder) / label
+    state = torch.load(run_dir / "strategy_state.pt", weights_only=False)
+    (run_dir / "model.safetensors").unlink(missing_ok=True)
+    return {"row": row, "extras": strategy_extras(recipe["strategy"]["name"], state),
+            "seconds": time.perf_counter() - started}
+
+
+def run_baseline_job(recipe: Mapping[str, Any], mode: str) -> dict[str, Any]:
+    """Single-task metrics of ``recipe``'s tasks and which metrics are higher-is-better (in a worker)."""
+    from mtl_plugins.runner import build_datasets, higher_is_better, single_task_baselines
+
+    started = time.perf_counter()
+    data = build_datasets(recipe)
+    metrics = single_task_baselines(recipe, data.tasks, mode, progress=False)
+    return {"metrics": metrics, "higher_is_better": higher_is_better(data), "tasks": data.tasks,
+            "seconds": time.perf_counter() - started}
+
+
+@dataclass
+class Job:
+    kind: str  # "strategy" or "baseline"
+    benchmark: str
+    seed: int
+    strategy: str
+    weight: float  # expected relative cost, to start the longest jobs first
+    args: tuple
+
+
+def plan_jobs(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir: Path, baselines: str) -> list[Job]:
+    """Every run to do, longest expected first."""
+    from mtl_plugins.registry import STRATEGIES
+
+    jobs = []
+    for bench in benchmarks:
+        base = bench.load()
+        tasks = len((base.get("data") or {}).get("tasks") or ()) or 1
+        scale = 1.0 if bench.name == "multidigits" else 8.0
+        for seed in seeds:
+            for name in bench.strategies:
+                recipe = strategy_recipe(base, name, seed, bench.options.get(name))
+                passes = tasks if STRATEGIES.get(name).needs_task_forward or name == "sel_update" else 1
+                folder = work_dir / bench.name / f"seed{seed}"
+                jobs.append(Job("strategy", bench.name, seed, name, scale * passes, (name, recipe, str(folder))))
+            if baselines != "skip" and (bench.baseline_seeds == "each" or seed == seeds[0]):
+                recipe = strategy_recipe(base, "ew", seed, {})
+                jobs.append(Job("baseline", bench.name, seed, "single-task", scale * tasks, (recipe, baselines)))
+    return sorted(jobs, key=lambda j: -j.weight)
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, threads: int, log: Callable[[str], None] = print) -> list[tuple[Job, dict]]:
+    """Run the jobs in ``workers`` spawned processes; returns (job, result) pairs in job order."""
+    results: dict[int, dict] = {}
+    context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {}
+        for i, job in enumerate(jobs):
+            function = run_strategy_job if job.kind == "strategy" else run_baseline_job
+            futures[pool.submit(function, *job.args)] = i
+        for done, future in enumerate(as_completed(futures), 1):
+            i, job = futures[future], jobs[futures[future]]
+            try:
+                results[i] = future.result()
+                outcome = f"{results[i]['seconds']:.0f} s"
+            except Exception as error:  # one failed run must not lose the others
+                results[i] = {"error": f"{type(error).__name__}: {error}", "seconds": 0.0}
+                outcome = f"failed: {results[i]['error']}"
+            log(f"  quality [{done}/{len(jobs)}] {job.benchmark} {job.strategy} seed {job.seed}: {outcome}")
+    return [(job, results[i]) for i, job in enumerate(jobs)]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(benchmark: Benchmark, outcomes: Sequence[tuple[Job, dict]], seeds: Sequence[int]) -> dict[str, Any]:
+    """Per strategy: mean and std over seeds of every metric, Delta_m and ms per batch; extras."""
+    from mtl_plugins.metrics import delta_m
+
+    mine = [(job, out) for job, out in outcomes if job.benchmark == benchmark.name and "error" not in out]
+    failures = [f"{job.strategy} seed {job.seed}: {out['error']}" for job, out in outcomes
+                if job.benchmark == benchmark.name and "error" in out]
+    baselines = {job.seed: out for job, out in mine if job.kind == "baseline"}
+    reference_seed = {s: (s if benchmark.baseline_seeds == "each" else seeds[0]) for s in seeds}
+    strategies: dict[str, dict[str, Any]] = {}
+    for job, out in mine:
+        if job.kind != "strategy":
+            continue
+        entry = strategies.setdefault(job.strategy, {"runs": []})
+        row = out["row"]
+        metrics = {k: v for k, v in row.items() if "/" in k}
+        base = baselines.get(reference_seed[job.seed])
+        delta = delta_m(metrics, base["metrics"], base["higher_is_better"]) if base else None
+        entry["runs"].append({"seed": job.seed, "metrics": metrics, "delta_m": delta,
+                              "ms_per_batch": row["ms_per_batch"], "extras": out["extras"]})
+    for entry in strategies.values():
+        runs = entry["runs"]
+        entry["metrics"] = {k: mean_std([r["metrics"][k] for r in runs]) for k in runs[0]["metrics"]}
+        deltas = [r["delta_m"] for r in runs if r["delta_m"] is not None]
+        entry["delta_m"] = mean_std(deltas) if deltas else None
+        entry["ms_per_batch"] = statistics.fmean(r["ms_per_batch"] for r in runs)
+        entry["seeds"] = len(runs)
+    single = None
+    if baselines:
+        names = list(next(iter(baselines.values()))["metrics"])
+        single = {k: mean_std([b["metrics"][k] for b in baselines.values()]) for k in names}
+    return {"benchmark": benchmark.name, "recipe": benchmark.recipe, "overrides": list(benchmark.overrides),
+            "note": benchmark.note, "seeds": list(seeds), "baseline_seeds": sorted(baselines), "failures": failures,
+            "strategies": strategies, "single_task": single}
+
+
+def plot_quality(summary: Mapping[str, Any], path: Path) -> Path:
+    """Delta_m (mean, std over seeds) per strategy."""
+    from mtl_plugins.plots import _pyplot
+
+    plt = _pyplot()
+    items = [(name, e["delta_m"]) for name, e in summary["strategies"].items() if e["delta_m"] is not None]
+    items.sort(key=lambda item: -item[1][0])
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.3 * max(len(items), 1)))
+    ax.barh(range(len(items)), [d[0] for _, d in items], xerr=[d[1] for _, d in items],
+            color=["tab:orange" if n in ("sel_update", "conn_strength") else "tab:blue" for n, _ in items])
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(items)), [n for n, _ in items], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("Delta_m vs single-task models (%), mean and std over seeds")
+    ax.set_title(f"{summary['benchmark']}: {len(summary['seeds'])} seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_affinity(summary: Mapping[str, Any], path: Path) -> Path | None:
+    """``sel_update``'s final affinity matrix, averaged over seeds."""
+    from mtl_plugins.plots import plot_heatmap
+
+    entry = summary["strategies"].get("sel_update")
+    if not entry:
+        return None
+    matrices = [np.asarray(r["extras"]["affinity"]) for r in entry["runs"]]
+    tasks = [k.split("/")[0] for k in entry["runs"][0]["metrics"]]
+    return plot_heatmap(np.mean(matrices, axis=0), tasks, path,
+                        title=f"affinity, {len(matrices)} seeds",
+                        xlabel="target task", ylabel="source task")
+
+
+def run_quality(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir: Path, workers: int = 2,
+                threads: int = 1, baselines: str = "cache", log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every benchmark's strategies over ``seeds``; one summary per benchmark."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    jobs = plan_jobs(benchmarks, seeds, work_dir, baselines)
+    outcomes = run_jobs(jobs, workers, threads, log)
+    summaries = []
+    for bench in benchmarks:
+        summary = summarize(bench, outcomes, seeds)
+        summary["wall_seconds"] = sum(out["seconds"] for job, out in outcomes if job.benchmark == bench.name)
+        summaries.append(summary)
+    return summaries

@@ -1,0 +1,229 @@
+"""``python -m benchmarks.run``: measure and write the benchmark report (Markdown, PNG plots, JSON).
+
+Sections (``--sections``, all by default):
+
+* ``cost``: time per batch and peak memory of every strategy against its floor and one EW step
+  (:mod:`benchmarks.cost`), on CPU or ``--device cuda``;
+* ``scaling``: grouping and bookkeeping cost for K = 2..40 tasks (:mod:`benchmarks.scaling`);
+* ``quality``: Delta_m and per-task metrics over seeds on MultiDigits and the text recipe
+  (:mod:`benchmarks.quality`).
+
+The report goes to ``docs/benchmarks/`` (``README.md``, ``results.json``, plots); sections not run
+keep their previous numbers from ``results.json``. ``--quick`` is a smoke run of every section and
+``--only`` restricts the strategies; both write to ``runs/`` unless ``--out`` is given, so the
+published report only ever holds complete runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .quality import Benchmark
+
+SECTIONS = ("cost", "scaling", "quality")
+DOCS = Path("docs/benchmarks")
+
+
+@dataclass
+class Settings:
+    """How much of each section to run."""
+
+    cost_repeats: int
+    cost_strategies: list[str] | None  # None: every registered strategy
+    scaling_tasks: list[int]
+    scaling_repeats: int
+    scaling_aggregators: list[str] | None  # None: every gradient aggregator
+    benchmarks: list[Benchmark] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+TEXT_NOTE = ("Subset: fine-tuning MiniLM takes minutes per run on a CPU, so the text recipe runs with reviews "
+             "truncated to 64 tokens (the recipe uses 128), for `ew`, `sel_update` (warm-up 20 batches) and the "
+             "loss weighting `uw` only, every seed compared with the single-task baselines of the first seed.")
+
+
+def full_settings() -> Settings:
+    import mtl_plugins
+
+    return Settings(
+        cost_repeats=15,
+        cost_strategies=None,
+        scaling_tasks=[2, 3, 5, 8, 10, 15, 20, 30, 40],
+        scaling_repeats=10,
+        scaling_aggregators=None,
+        benchmarks=[
+            Benchmark("multidigits", "quickstart", strategies=tuple(mtl_plugins.available_strategies())),
+            Benchmark("text", "text-quickstart", overrides=("data.max_length=64",),
+                      strategies=("ew", "sel_update", "uw"), options={"sel_update": {"warmup_steps": 20}},
+                      baseline_seeds="first", note=TEXT_NOTE),
+        ],
+    )
+
+
+def quick_settings() -> Settings:
+    return Settings(
+        cost_repeats=3,
+        cost_strategies=["ew", "uw", "pcgrad", "sel_update", "conn_strength"],
+        scaling_tasks=[2, 6, 10],
+        scaling_repeats=2,
+        scaling_aggregators=["pcgrad", "mgda"],
+        benchmarks=[
+            Benchmark("multidigits", "quickstart",
+                      overrides=("data.train_size=256", "data.eval_size=200", "training.num_train_epochs=1",
+                                 "training.logging_steps=1"),
+                      strategies=("ew", "sel_update", "conn_strength"), options={"sel_update": {"warmup_steps": 1}},
+                      note="Smoke run: 256 training images, one epoch."),
+        ],
+        seeds=[0, 1],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="a short smoke run of every section")
+    parser.add_argument("--only", nargs="+", metavar="STRATEGY", help="restrict cost and quality to these strategies")
+    parser.add_argument("--device", default="cpu", help="device of the cost section: cpu or cuda[:i]")
+    parser.add_argument("--out", type=Path, help="report folder (default docs/benchmarks; runs/... with --quick or --only)")
+    parser.add_argument("--work-dir", type=Path, help="folder of the quality runs (default runs/benchmarks-work)")
+    parser.add_argument("--repeats", type=int, help="timed repeats of each cost case")
+    parser.add_argument("--cost-models", nargs="+", default=["cnn"], choices=["cnn", "resnet"])
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of the quality section")
+    parser.add_argument("--benchmarks", nargs="+", choices=["multidigits", "text"], help="quality benchmarks to run")
+    parser.add_argument("--workers", type=int, default=2, help="parallel training processes of the quality section")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--baselines", choices=["cache", "train"], default="cache",
+                        help="single-task baselines from the cache (trained when missing) or retrained")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: redraw the plots and README.md from the report folder's results.json")
+    return parser
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def choose(names: Sequence[str], only: Sequence[str] | None) -> list[str]:
+    return [n for n in names if only is None or n in only]
+
+
+def cost_section(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    import torch
+
+    import mtl_plugins
+
+    from . import cost
+    from .measure import __doc__ as measure_doc
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    strategies = choose(settings.cost_strategies or mtl_plugins.available_strategies(), args.only)
+    repeats = args.repeats or settings.cost_repeats
+    models = {}
+    for name in args.cost_models:
+        setup = cost.SETUPS[name]()
+        rows = cost.run_cost(setup, strategies, repeats, device, log=log)
+        models[name] = {"description": f"{setup.description}, {device.type}", "rows": rows}
+    memory_note = measure_doc.split("\n\n")[2].replace("\n", " ")
+    return {"repeats": repeats, "device": str(device), "models": models, "memory_note": memory_note}
+
+
+def scaling_section(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from . import scaling
+
+    rows = scaling.run_scaling(settings.scaling_tasks, settings.scaling_repeats, settings.scaling_aggregators, log=log)
+    return {"rows": rows, "description": scaling.__doc__.split("\n\n", 1)[1].strip()}
+
+
+def quality_section(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from . import quality
+
+    benchmarks = []
+    for bench in settings.benchmarks:
+        if args.benchmarks and bench.name not in args.benchmarks:
+            continue
+        strategies = tuple(choose(bench.strategies, args.only))
+        if strategies:
+            benchmarks.append(Benchmark(bench.name, bench.recipe, bench.overrides, strategies, bench.options,
+                                        bench.baseline_seeds, bench.note))
+    seeds = args.seeds or settings.seeds
+    work_dir = args.work_dir or Path("runs/benchmarks-work")
+    return {"summaries": quality.run_quality(benchmarks, seeds, work_dir, args.workers, args.threads,
+                                             args.baselines, log=log)}
+
+
+RUNNERS = {"cost": cost_section, "scaling": scaling_section, "quality": quality_section}
+
+
+def draw(name: str, section: dict[str, Any], out: Path) -> None:
+    """Write the PNG plots of a measured section into ``out``, recording their file names in it."""
+    from . import cost, quality, scaling
+
+    if name == "cost":
+        for model, entry in section["models"].items():
+            entry["plot"] = cost.plot_cost(entry["rows"], out / f"cost_{model}.png", entry["description"]).name
+    elif name == "scaling":
+        section["plot"] = scaling.plot_scaling(section["rows"], out / "scaling.png").name
+    else:
+        for summary in section["summaries"]:
+            summary["plot"] = quality.plot_quality(summary, out / f"quality_{summary['benchmark']}.png").name
+            affinity = quality.plot_affinity(summary, out / f"quality_{summary['benchmark']}_affinity.png")
+            summary["affinity_plot"] = affinity.name if affinity is not None else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import torch
+
+    from . import environment, report
+
+    torch.set_num_threads(args.threads)
+    settings = quick_settings() if args.quick else full_settings()
+    out = args.out or (Path("runs/benchmarks-quick") if args.quick else Path("runs/benchmarks-only") if args.only else DOCS)
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    env = environment.describe(args.device, args.threads)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"sections": {}}
+    if args.render_only:
+        if not results["sections"]:
+            raise SystemExit(f"--render-only: no results in {results_path}")
+        for name, section in results["sections"].items():
+            draw(name, section, out)
+        results_path.write_text(json.dumps(results, indent=1))
+        (out / "README.md").write_text(report.render(results))
+        log(f"report written to {out / 'README.md'}")
+        return 0
+    results["environment"] = env
+    for name in SECTIONS:
+        if name not in args.sections:
+            continue
+        log(f"section {name}")
+        started = time.perf_counter()
+        section = RUNNERS[name](args, settings)
+        draw(name, section, out)
+        section.update(command=command, environment=env, wall_seconds=time.perf_counter() - started,
+                       date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        results["sections"][name] = section
+        results_path.write_text(json.dumps(results, indent=1))
+        (out / "README.md").write_text(report.render(results))
+    log(f"report written to {out / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

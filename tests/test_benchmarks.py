@@ -1,0 +1,114 @@
+"""The benchmark runner: its quick mode writes a complete, sane report; its measurements are sound."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("benchmarks") is None:  # plain `pytest` does not put the repository root on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import cost, scaling
+from benchmarks.run import main
+from mtl_plugins.grouping import choose_groups
+
+SECTIONS = ("## Machine and versions", "## Headline numbers", "## Cost per batch against the floor",
+            "## Scaling with the number of tasks", "## Quality against single-task models", "## Reproducing")
+
+
+def finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("num_tasks", [6, 8, 10, 20])
+def test_planted_clusters_are_recovered(num_tasks):
+    rng = np.random.default_rng(num_tasks)
+    tasks = [str(k) for k in range(num_tasks)]
+    for trial in range(5):
+        labels = scaling.planted_labels(num_tasks, rng)
+        affinity = scaling.planted_affinity(labels, rng, noise=0.1)
+        groups = choose_groups(affinity, tasks, [[t] for t in tasks], random_state=trial).groups
+        assert len(groups) == scaling.planted_clusters(num_tasks)
+        assert scaling.adjusted_rand(groups, labels) == 1.0
+
+
+def test_adjusted_rand_detects_a_wrong_grouping():
+    labels = np.array([0, 0, 1, 1])
+    assert scaling.adjusted_rand([["0", "1"], ["2", "3"]], labels) == 1.0
+    assert scaling.adjusted_rand([["0", "2"], ["1", "3"]], labels) < 0.5
+
+
+def test_cost_cases_pick_their_floor():
+    setup = cost.multidigits_setup(batch_size=8, num_batches=2)
+    rows = {}
+    for name in ("uw", "pcgrad", "sel_update"):
+        for case in cost.cases_for(name, grouped_after=2):
+            rows[case.label] = cost.measure_case(case, setup, repeats=2, device=torch.device("cpu"), memory=False)
+    assert rows["uw"]["floor"] == cost.FLOORS["ew_step"]
+    assert rows["pcgrad"]["floor"] == cost.FLOORS["task_passes"]
+    assert rows["sel_update (warm-up)"]["group_steps"] == len(setup.tasks)
+    assert 2 <= rows["sel_update (grouped)"]["group_steps"] <= len(setup.tasks)
+    for row in rows.values():
+        for key in ("ms", "floor_ms", "ew_ms", "ratio", "cpu_ratio", "ratio_ew"):
+            assert finite_positive(row[key]), (row["label"], key, row[key])
+    # the K-pass method costs several EW steps; its floor explains most of it
+    assert rows["pcgrad"]["ratio_ew"] > 2 * rows["pcgrad"]["ratio"]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
+    out, work = tmp_path / "report", tmp_path / "work"
+    assert main(["--quick", "--out", str(out), "--work-dir", str(work)]) == 0
+
+    text = (out / "README.md").read_text()
+    positions = [text.index(heading) for heading in SECTIONS]
+    assert positions == sorted(positions)
+    assert "python -m benchmarks.run --quick" in text
+    results = json.loads((out / "results.json").read_text())
+    for key in ("cpu", "cores", "python", "torch", "transformers", "mtl-plugins"):
+        assert results["environment"][key]
+    assert all(s["command"].startswith("python -m benchmarks.run") for s in results["sections"].values())
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert plots == ["cost_cnn.png", "quality_multidigits.png", "quality_multidigits_affinity.png", "scaling.png"]
+    assert all(f"]({name})" in text for name in plots)
+
+    rows = results["sections"]["cost"]["models"]["cnn"]["rows"]
+    labels = {r["label"] for r in rows}
+    assert {"ew", "uw", "pcgrad", "sel_update (warm-up)", "sel_update (grouped)", "conn_strength (Phase 2)"} <= labels
+    for row in rows:
+        for key in ("ratio", "cpu_ratio", "ratio_ew", "peak_mib", "ew_peak_mib"):
+            assert finite_positive(row[key]), (row["label"], key, row[key])
+
+    for row in results["sections"]["scaling"]["rows"]:
+        k = row["tasks"]
+        assert 1 <= row["min_groups"] <= row["groups_found"] <= row["max_groups"] <= k
+        assert finite_positive(row["clustering_ms"]) and finite_positive(row["bookkeeping_x_ew"])
+    assert all(r["exact"] == 1.0 for r in results["sections"]["scaling"]["rows"])  # small K, clear clusters
+
+    (summary,) = results["sections"]["quality"]["summaries"]
+    tasks = [m.split("/")[0] for m in summary["single_task"]]
+    assert set(summary["strategies"]) == {"ew", "sel_update", "conn_strength"}
+    for entry in summary["strategies"].values():
+        assert entry["seeds"] == 2 and math.isfinite(entry["delta_m"][0]) and entry["delta_m"][1] >= 0
+    for run in summary["strategies"]["sel_update"]["runs"]:
+        groups = run["extras"]["groups"]
+        assert sorted(t for g in groups for t in g) == sorted(tasks) and 1 <= len(groups) <= len(tasks)
+    for run in summary["strategies"]["conn_strength"]["runs"]:
+        assert sum(run["extras"]["priority"]) == pytest.approx(1.0)
+    assert "`sel_update`'s groups" in text and "`conn_strength`'s task priority" in text
+
+    # one section again: the others keep their numbers
+    cost_date = results["sections"]["cost"]["date"]
+    assert main(["--quick", "--sections", "scaling", "--out", str(out), "--work-dir", str(work)]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["sections"]["cost"]["date"] == cost_date and again["sections"]["quality"]
+    assert all(heading in (out / "README.md").read_text() for heading in SECTIONS)
