@@ -11,7 +11,7 @@ optimizer and batches, alternating with it in the same process:
 * ``sel_update``: M x one EW step, M the number of group steps of the batch (K singleton groups
   during warm-up; the number of groups after it, 2 for a single group).
 
-Every case also reports its time over one EW step on the plain (hard-parameter-sharing) model, and
+Ratios are medians of per-cycle ratios (:func:`benchmarks.measure.paired_ratio`). Every case also reports its time over one EW step on the plain (hard-parameter-sharing) model, and
 its peak memory (:func:`benchmarks.measure.peak_bytes`) next to the EW step's.
 """
 
@@ -32,7 +32,7 @@ from mtl_plugins.architectures.task_connections import connected_layers
 from mtl_plugins.loop import make_closure
 from mtl_plugins.registry import STRATEGIES
 
-from .measure import alternate, peak_bytes
+from .measure import alternate, paired_ratio, peak_bytes
 
 Batch = dict[str, torch.Tensor]
 
@@ -206,10 +206,10 @@ def measure_case(case: Case, setup: Setup, repeats: int, device: torch.device, m
         "label": case.label, "strategy": case.strategy, "floor": FLOORS[floor], "tasks": len(tasks),
         "ms": 1e3 * method_s.median_wall, "floor_ms": 1e3 * statistics.median(floor_wall),
         "ew_ms": 1e3 * ew_s.median_wall,
-        "ratio": method_s.median_wall / statistics.median(floor_wall),
-        "cpu_ratio": method_s.median_cpu / statistics.median(floor_cpu),
-        "ratio_ew": method_s.median_wall / ew_s.median_wall,
-        "cpu_ratio_ew": method_s.median_cpu / ew_s.median_cpu,
+        "ratio": paired_ratio(method_s.wall, floor_wall),
+        "cpu_ratio": paired_ratio(method_s.cpu, floor_cpu),
+        "ratio_ew": paired_ratio(method_s.wall, ew_s.wall),
+        "cpu_ratio_ew": paired_ratio(method_s.cpu, ew_s.cpu),
         "repeats": repeats,
     }
     if case.strategy == "sel_update":

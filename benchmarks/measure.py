@@ -75,8 +75,11 @@ def alternate(runs: Mapping[str, Run], repeats: int, device: torch.device, warmu
     return samples
 
 
-def ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-    return statistics.median(numerator) / statistics.median(denominator)
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over cycles of ``numerator[i] / denominator[i]``: runs of one cycle share the machine's load."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"paired samples differ in length: {len(numerator)} vs {len(denominator)}")
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
 def peak_bytes(run: Callable[[], Any], device: torch.device) -> int:

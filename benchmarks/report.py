@@ -101,7 +101,9 @@ HEADLINES = {"cost": cost_headline, "scaling": scaling_headline, "quality": qual
 def render_cost(section: Mapping[str, Any]) -> str:
     parts = ["## Cost per batch against the floor", "", provenance(section), "",
              "Every case runs on the same model, optimizer and batches as its floor and as one EW step, "
-             f"alternating with them in one process; medians of {section['repeats']} repeats. The floor is "
+             f"alternating with them in one process, {section['repeats']} timed cycles. Times are medians; "
+             "ratios are medians of the per-cycle ratios (the runs of one cycle share the machine's load, "
+             "and M can change from batch to batch). The floor is "
              "the work the method cannot avoid: one EW step (forward, backward, step) for loss weightings; "
              "K task forward+backward passes (gradients accumulated) and one step for methods that need "
              "per-task gradients (gradient aggregators, `gradnorm`, `conn_strength` Phase 2); K task steps "

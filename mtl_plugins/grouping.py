@@ -3,8 +3,9 @@
 ``A[s, t]`` is how much updating source task ``s`` lowered target task ``t``'s loss. Each column is
 scaled by the target's self-affinity ``A[t, t]``, the result is symmetrised (diagonal 1) and
 clustered with scikit-learn's :class:`~sklearn.cluster.AffinityPropagation` on the precomputed
-similarities. When no exemplar is found the fit is retried with ``convergence_iter`` raised by 100,
-up to ``tries`` fits; when every fit fails, or the scaling is invalid (a self-affinity that is zero,
+similarities. When no exemplar is found the fit is retried with ``convergence_iter`` raised by 100
+and fresh tie-breaking noise (the next draws of one seeded NumPy stream, where the released code
+drew from NumPy's global one), up to ``tries`` fits; when every fit fails, or the scaling is invalid (a self-affinity that is zero,
 negative or not finite), the caller keeps its previous groups.
 """
 
@@ -58,7 +59,7 @@ def scaled_affinity(affinity: Tensor | np.ndarray) -> np.ndarray:
 
 
 def affinity_propagation_labels(similarity: np.ndarray, *, preference: float | None, convergence_iter: int,
-                                random_state: int) -> np.ndarray | None:
+                                random_state: int | np.random.RandomState) -> np.ndarray | None:
     """Cluster labels from one AffinityPropagation fit, or ``None`` when it found no exemplar."""
     from sklearn.cluster import AffinityPropagation
 
@@ -92,9 +93,10 @@ def cluster_tasks(affinity: Tensor | np.ndarray, tasks: Sequence[str], *, prefer
     if similarity.shape[0] != len(tasks):
         raise ValueError(f"affinity is {similarity.shape[0]} x {similarity.shape[0]} but there are {len(tasks)} tasks")
     convergence_iter = CONVERGENCE_ITER
+    noise = np.random.RandomState(random_state)  # one stream: every retry breaks ties with new draws
     for _ in range(tries):
         labels = affinity_propagation_labels(similarity, preference=preference, convergence_iter=convergence_iter,
-                                             random_state=random_state)
+                                             random_state=noise)
         if labels is not None:
             return groups_from_labels(labels, tasks)
         convergence_iter += CONVERGENCE_STEP

@@ -16,6 +16,7 @@ from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies import torchjd_adapter
 from mtl_plugins.strategies.base import Updater
+from scaled_updater import ScaledUpdater
 
 TASKS = ["a", "b", "c"]
 TORCHJD_BACKED = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop"]
@@ -306,31 +307,6 @@ def test_state_round_trip_through_weights_only_checkpoint(name, tmp_path):
 
 
 # -- loss scaling ------------------------------------------------------------------------------------
-class ScaledUpdater(Updater):
-    """Mimics a GradScaler: backward scales the loss, step unscales ``p.grad`` or skips on inf/NaN."""
-
-    def __init__(self, optimizer, scale):
-        super().__init__(optimizer)
-        self.scale, self.skipped = scale, 0
-
-    @property
-    def loss_scale(self):
-        return self.scale
-
-    def backward(self, loss):
-        (loss * self.scale).backward()
-
-    def step(self, final=False):
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            self.skipped += 1
-            return False
-        for g in grads:
-            g /= self.scale
-        self.optimizer.step()
-        return True
-
-
 def _train(name, scale, steps=3):
     model = tiny_model()
     strategy = build(name, TASKS, model=model)
@@ -386,6 +362,26 @@ def test_non_finite_gradient_without_loss_scaling_is_an_error():
 
 
 # -- distributed ---------------------------------------------------------------------------------------
+class RecordingUpdater(Updater):
+    def __init__(self, optimizer, averages_gradients):
+        super().__init__(optimizer)
+        self.averages_gradients, self.reduced = averages_gradients, []
+
+    def reduce_(self, tensors):
+        self.reduced.append([tuple(t.shape) for t in tensors])
+
+
+@pytest.mark.parametrize("averages_gradients", [False, True])
+def test_gradients_are_reduced_once(averages_gradients):
+    model = tiny_model()
+    updater = RecordingUpdater(torch.optim.SGD(model.parameters(), lr=0.1), averages_gradients)
+    build("pcgrad", TASKS, model=model).step(make_closure(model, make_batch()), updater)
+    shared = sum(p.numel() for p in model.encoder.parameters())
+    jacobian_reductions = [shapes for shapes in updater.reduced if shapes[0] == (len(TASKS), shared)]
+    assert len(jacobian_reductions) == (0 if averages_gradients else 1)
+
+
+
 class AllReduceUpdater(Updater):
     """Plain backward per process; ``reduce_`` averages across processes (gloo)."""
 
@@ -395,13 +391,33 @@ class AllReduceUpdater(Updater):
             t /= dist.get_world_size()
 
 
-def _ddp_worker(rank, world_size, init_file, out_dir, name, steps):
+class BackwardAveragingUpdater(Updater):
+    """Averages every gradient across processes right after backward, as the Trainer's updater does;
+    ``reduce_`` of gradients is then redundant and refused."""
+
+    averages_gradients = True
+
+    def backward(self, loss):
+        loss.backward()
+        for p in self.params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+    def reduce_(self, tensors):
+        raise AssertionError("gradients were already averaged by backward")
+
+
+UPDATERS = {"reduce": AllReduceUpdater, "backward": BackwardAveragingUpdater}
+
+
+def _ddp_worker(rank, world_size, init_file, out_dir, name, steps, averaging):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         model = tiny_model()
         strategy = mtl_plugins.build_strategy(name, TASKS, model=model)
-        updater = AllReduceUpdater(torch.optim.SGD(model.parameters(), lr=0.1))
+        updater = UPDATERS[averaging](torch.optim.SGD(model.parameters(), lr=0.1))
         for step in range(steps):
             strategy.step(make_closure(model, make_batch(seed=100 * step + rank)), updater)
         torch.save([p.detach() for p in model.parameters()], f"{out_dir}/rank{rank}.pt")
@@ -432,11 +448,12 @@ def _single_process(name, steps, world_size, average_first=True):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("averaging", list(UPDATERS))
 @pytest.mark.parametrize("name", ["cagrad"])
-def test_ddp_ranks_aggregate_the_averaged_jacobian(name, tmp_path):
+def test_ddp_ranks_aggregate_the_averaged_jacobian(name, averaging, tmp_path):
     steps, world_size = 3, 2
-    torch.multiprocessing.spawn(_ddp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path), name, steps),
-                                nprocs=world_size, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, nprocs=world_size, join=True,
+                                args=(world_size, str(tmp_path / "init"), str(tmp_path), name, steps, averaging))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     for p, q in zip(*ranks):
         assert torch.equal(p, q)

@@ -82,6 +82,26 @@ def test_retry_raises_convergence_iter_by_100(monkeypatch):
     assert seen == [50, 150, 250, 350]
 
 
+def test_each_retry_breaks_ties_with_fresh_noise(monkeypatch):
+    # The released code drew the tie-breaking noise from NumPy's global stream, so a retry was a new
+    # draw; here one seeded stream plays that role. The first fit equals a fit seeded with the int.
+    states: list[tuple[bytes, int]] = []
+    real = grouping.affinity_propagation_labels
+
+    def failing_first(similarity, *, preference, convergence_iter, random_state):
+        _, key, position, *_ = random_state.get_state()
+        states.append((key.tobytes(), position))
+        labels = real(similarity, preference=preference, convergence_iter=convergence_iter, random_state=random_state)
+        return None if len(states) < 3 else labels
+
+    monkeypatch.setattr(grouping, "affinity_propagation_labels", failing_first)
+    a = block_affinity([[0, 1, 2], [3, 4, 5]], 6, SCALES)
+    cluster_tasks(a, TASKS, random_state=7)
+    assert len(states) == 3 and len(set(states)) == 3
+    _, key, position, *_ = np.random.RandomState(7).get_state()
+    assert states[0] == (key.tobytes(), position)
+
+
 def test_ten_failed_fits_keep_the_previous_groups(monkeypatch):
     seen: list[int] = []
 
@@ -97,9 +117,10 @@ def test_ten_failed_fits_keep_the_previous_groups(monkeypatch):
     assert result.kept_previous and result.groups == previous and "no exemplar" in result.reason
 
 
-def test_real_affinity_propagation_failure_keeps_previous_groups():
+def test_a_real_failed_fit_is_recovered_by_the_retry():
     # A symmetric similarity (diagonal 1, so the scaling leaves it unchanged) on which scikit-learn's
-    # affinity propagation oscillates and ends without an exemplar for every convergence_iter tried.
+    # affinity propagation, with seed 0's noise, oscillates and ends without an exemplar; the retry
+    # (convergence_iter 150, the stream's next noise) finds the two pairs.
     x = np.array([
         [1.0, -0.03572769453089829, 0.01086884542566041, -0.01264819591991563],
         [-0.03572769453089829, 1.0, -0.04908625680731283, 0.2983803889345593],
@@ -107,9 +128,8 @@ def test_real_affinity_propagation_failure_keeps_previous_groups():
         [-0.01264819591991563, 0.2983803889345593, -0.00249747296860642, 1.0],
     ])
     assert grouping.affinity_propagation_labels(x, preference=None, convergence_iter=50, random_state=0) is None
-    previous = [["a", "b"], ["c"], ["d"]]
-    result = choose_groups(x, ["a", "b", "c", "d"], previous, random_state=0)
-    assert result.kept_previous and result.groups == previous
+    result = choose_groups(x, ["a", "b", "c", "d"], [["a", "b", "c", "d"]], random_state=0)
+    assert not result.kept_previous and result.groups == [["a", "c"], ["b", "d"]]
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])

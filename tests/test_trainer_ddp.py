@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 #: Exact under data parallelism with the MLP (no BatchNorm): equal to one process on both batches.
-EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update"]
+EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update", "pcgrad"]
 #: Need BatchNorm connections (batch statistics differ per process): ranks identical only.
 RANKS_ONLY = ["conn_strength", "conn_strength_phase2"]
 REGISTERED = set(mtl_plugins.available_strategies())

@@ -12,6 +12,7 @@ import mtl_plugins
 from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies.base import Updater
+from scaled_updater import ScaledUpdater
 
 TASKS = ["a", "b", "c"]
 K = len(TASKS)
@@ -60,28 +61,6 @@ class TwoRankUpdater(Updater):
         for t in tensors:
             if t.shape == self.other.shape:
                 t.copy_((t + self.other.to(t)) / 2)
-
-
-class ScaledUpdater(Updater):
-    """Mimics a GradScaler: backward scales the loss, step unscales ``p.grad``."""
-
-    def __init__(self, optimizer, scale):
-        super().__init__(optimizer)
-        self.scale = scale
-
-    @property
-    def loss_scale(self):
-        return self.scale
-
-    def backward(self, loss):
-        (loss * self.scale).backward()
-
-    def step(self, final=False):
-        for p in self.params:
-            if p.grad is not None:
-                p.grad /= self.scale
-        self.optimizer.step()
-        return True
 
 
 # -- DWA -------------------------------------------------------------------------------------------------

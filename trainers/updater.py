@@ -35,6 +35,8 @@ class AcceleratedUpdater(Updater):
     number of accumulated batches, as the Trainer does.
     """
 
+    averages_gradients = True  # every backward is followed by one all-reduce of its gradients
+
     def __init__(self, accelerator: Any, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
                  accumulation_steps: int = 1):
         super().__init__(optimizer, max_grad_norm if max_grad_norm and max_grad_norm > 0 else None)

@@ -10,8 +10,10 @@ One step per batch:
    (``closure(task=t)``), ``updater.backward(w_t * L_t)``, and a copy of the gradients. K forward
    passes rather than one retained graph keep every backward an ordinary one for the updater
    (distributed hooks, loss scaling);
-2. ``updater.reduce_`` averages the Jacobian (and the task-specific gradients) across processes, so
-   every process aggregates the same matrix and takes the same step;
+2. every process aggregates the same matrix and takes the same step: the Jacobian (and the
+   task-specific gradients) are averaged across processes, by ``updater.reduce_`` unless the
+   updater's backward already averaged each gradient (``updater.averages_gradients``, as the
+   Trainer's updater does);
 3. the gradients are divided by ``updater.loss_scale`` before aggregating (several aggregators are
    not scale-equivariant); the combined direction is multiplied back by the loss scale when written
    to ``p.grad``, because ``updater.step`` unscales what it finds there;
@@ -108,7 +110,8 @@ def task_gradients(
                 specific_sum[i] = g if specific_sum[i] is None else specific_sum[i] + g
     jacobian = torch.stack(rows)
     present = [g for g in specific_sum if g is not None]
-    updater.reduce_([jacobian, *present])
+    if not updater.averages_gradients:
+        updater.reduce_([jacobian, *present])
     scale = float(updater.loss_scale)
     if scale != 1.0:
         jacobian /= scale

@@ -32,6 +32,10 @@ class Updater:
     through accelerate, clip gradients, skip fp16-overflow steps and reduce across processes.
     """
 
+    #: True when :meth:`backward` leaves gradients averaged across processes, so strategies need
+    #: not :meth:`reduce_` the gradients they read (a single process needs nothing either way).
+    averages_gradients: bool = False
+
     def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm

@@ -37,17 +37,18 @@ def update_affinity(affinity: Tensor, before: Sequence[float], after: Sequence[f
     post = torch.tensor(after, dtype=torch.float64)
     valid = prev > 0  # a non-positive loss is no baseline
     ratio = torch.where(valid, (1 - post / torch.where(valid, prev, 1.0)) / len(group), 0.0)
+    rows = torch.tensor(list(group))
     in_group = torch.zeros_like(valid)
-    in_group[list(group)] = True
-    for s in group:
-        r_s = ratio[s]
-        inside = torch.where(ratio * r_s >= 0, ratio, -torch.maximum(ratio, r_s))
-        value = torch.where(in_group, inside, ratio)
-        update = valid & (~in_group | valid[s])
-        value[s] = r_s
-        update[s] = valid[s] & (r_s >= 0)
-        row = affinity[s]
-        affinity[s] = torch.where(update, (1 - decay) * row + decay * value, row)
+    in_group[rows] = True
+    r_s = ratio[rows, None]  # one row per source task s of the group, one column per target t
+    inside = torch.where(ratio * r_s >= 0, ratio, -torch.maximum(ratio, r_s))
+    value = torch.where(in_group, inside, ratio)
+    update = valid & (~in_group | valid[rows, None])
+    own = torch.arange(len(rows))
+    value[own, rows] = ratio[rows]
+    update[own, rows] = valid[rows] & (ratio[rows] >= 0)
+    old = affinity[rows]
+    affinity[rows] = torch.where(update, (1 - decay) * old + decay * value, old)
 
 
 @register_strategy("sel_update")
