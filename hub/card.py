@@ -1,8 +1,10 @@
 """Model cards for multi-task checkpoints (huggingface_hub ``ModelCard`` / ``ModelCardData``).
 
 The card's metadata carries the tasks, the training method and its settings, per-task metrics,
-Delta_m, the base model, the datasets and the final task groups or priority statistics (keys
-prefixed ``mtl_``); the text shows the same in tables.
+Delta_m, the base model, the datasets, the task-specific connection mode and the final task groups
+or priority statistics (keys prefixed ``mtl_``); the text shows the same in tables, and a usage
+snippet that runs as written. No ``pipeline_tag`` is set: no transformers pipeline runs a multi-task
+model (``predict`` returns one output per task).
 """
 
 from __future__ import annotations
@@ -14,7 +16,21 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .configuration import VIT_MODEL_TYPES, backbone_modality
 from .pretrained import hub_id
+
+#: What each task-specific connection mode adds to the backbone, for the card's text.
+CONNECTION_MODES = {
+    "batchnorm": "every BatchNorm fed directly by a convolution or linear layer becomes one BatchNorm per "
+                 "task, the weights before it staying shared: the task-specific connections of Jeong & Yoon "
+                 "(CVPR 2024).",
+    "scale_shift": "a per-task channel scale and shift after every shared `nn.Linear` of the backbone. This "
+                   "is this project's extension of the CVPR 2024 method (Jeong & Yoon) to transformers, not "
+                   "part of the paper, which defines task-specific BatchNorm connections for CNNs.",
+    "auto": "task-specific BatchNorms (Jeong & Yoon, CVPR 2024) when the backbone has BatchNorm layers; "
+            "otherwise a per-task channel scale and shift after every shared `nn.Linear`, this project's "
+            "extension of the CVPR 2024 method, which defines task-specific BatchNorm connections for CNNs.",
+}
 
 def _plain(value: Any) -> bool:
     """True for values that serialise to YAML/JSON as they are."""
@@ -55,6 +71,14 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def connection_mode(config: Any) -> str | None:
+    """The task-specific connection mode of ``config`` (``auto`` when not recorded), or None without them."""
+    options = getattr(config, "task_connections", None)
+    if options is None:
+        return None
+    return options.get("mode", "auto")
+
+
 def build_model_card(
     config: Any,
     *,
@@ -89,6 +113,7 @@ def build_model_card(
         "mtl_tasks": task_rows,
         "mtl_method": method,
         "mtl_method_settings": dict(method_settings or {}) or None,
+        "mtl_task_connections": {"mode": connection_mode(config)} if connection_mode(config) else None,
         "mtl_metrics": metrics or None,
         "mtl_delta_m": delta_m,
         "mtl_task_groups": [list(g) for g in task_groups] if task_groups is not None else None,
@@ -114,6 +139,9 @@ def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model
              + " and one head per task" + (f", trained on {', '.join(datasets)}." if datasets else "."),
              "## Tasks", _table(["task", "kind", "outputs", "loss weight"],
                                 [[t["name"], t["kind"], t["num_outputs"], t["loss_weight"]] for t in extra["mtl_tasks"]])]
+    if extra.get("mtl_task_connections"):
+        mode = extra["mtl_task_connections"]["mode"]
+        parts += ["## Task-specific connections", f"Mode `{mode}`: {CONNECTION_MODES.get(mode, 'see mtl-plugins.')}"]
     if extra["mtl_method"]:
         parts += ["## Training method", f"Strategy: `{extra['mtl_method']}`."]
         if extra["mtl_method_settings"]:
@@ -131,8 +159,33 @@ def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model
         parts += ["## Task priority", "Share of channels whose top-priority task is each task, per connected layer.",
                   _table(["layer", *config.task_names],
                          [[layer, *shares] for layer, shares in extra["mtl_priority_stats"].items()])]
-    name = repo_id or "path/to/checkpoint"
-    parts += ["## Usage", "```python\nimport mtl_plugins.hub  # registers the model with AutoModel\n"
-              "from transformers import AutoModel\n\n"
-              f"model = AutoModel.from_pretrained(\"{name}\")\noutputs = model.predict(inputs)\n```"]
+    parts += ["## Usage", usage_snippet(config, repo_id or "path/to/checkpoint", base_model)]
     return "\n\n".join(parts) + "\n"
+
+
+def usage_snippet(config: Any, name: str, base_model: str | None) -> str:
+    """A Python block that loads the model from ``name`` and predicts every task on an example input."""
+    lines = ["import torch", "import mtl_plugins.hub  # registers the model with AutoModel"]
+    if backbone_modality(config.backbone_config) == "text" and base_model:
+        lines += ["from transformers import AutoModel, AutoTokenizer", "",
+                  f'model = AutoModel.from_pretrained("{name}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")',
+                  'inputs = tokenizer(["An example sentence."], return_tensors="pt")']
+    else:
+        lines += ["from transformers import AutoModel", "", f'model = AutoModel.from_pretrained("{name}")',
+                  _example_inputs(config)]
+    lines.append("outputs = model.predict(inputs)  # task name -> predictions")
+    return "```python\n" + "\n".join(lines) + "\n```"
+
+
+def _example_inputs(config: Any) -> str:
+    """A line defining ``inputs``: a random image batch, or random token ids for a text encoder."""
+    backbone = config.backbone_config
+    if backbone_modality(backbone) == "text":
+        return (f"inputs = torch.randint(0, {backbone.vocab_size}, (1, 16))  "
+                "# token ids from the backbone's tokenizer")
+    size = 224
+    if backbone.model_type in VIT_MODEL_TYPES:
+        size = backbone.image_size if isinstance(backbone.image_size, int) else backbone.image_size[0]
+    channels = getattr(backbone, "num_channels", 3)
+    return f"inputs = torch.randn(1, {channels}, {size}, {size})  # normalised images, B x C x H x W"

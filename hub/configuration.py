@@ -10,7 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
-from .heads import HEAD_KINDS
+from .heads import HEAD_KINDS, HeadKind
 from .pretrained import resolve_pretrained
 
 #: Vision transformers without an ``AutoBackbone`` class: features are read from their hidden states.
@@ -18,6 +18,8 @@ VIT_MODEL_TYPES = ("vit",)
 #: How many feature levels are fused by default (spread evenly over the stages or blocks).
 DEFAULT_NUM_LEVELS = 4
 TASK_KEYS = ("name", "kind", "num_outputs", "loss_weight", "ignore_index", "labels", "loss")
+#: Names of ``MultiTaskModel.forward``'s arguments: a task of that name could not pass its labels.
+RESERVED_TASK_NAMES = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "task", "labels")
 
 
 def backbone_modality(config: PreTrainedConfig) -> str:
@@ -45,6 +47,16 @@ def default_feature_levels(stages: int, count: int = DEFAULT_NUM_LEVELS) -> list
     return [round(stages * (i + 1) / count) for i in range(count)]
 
 
+def _check_ignore_index(name: str, spec: HeadKind, value: Any) -> int | float | None:
+    """Real-valued kinds take any number or None (no ignore value); class kinds an integer."""
+    if spec.real_valued:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"task {name!r}: ignore_index must be a number or None, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"task {name!r}: ignore_index must be an integer, got {value!r}")
+    return value
+
+
 def normalize_task(task: Mapping[str, Any], modality: str | None) -> dict[str, Any]:
     """A task entry with every key filled in and checked; errors name the task and the problem."""
     if not isinstance(task, Mapping):
@@ -52,6 +64,9 @@ def normalize_task(task: Mapping[str, Any], modality: str | None) -> dict[str, A
     name = task.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"task {dict(task)!r} needs a non-empty string 'name'")
+    if name in RESERVED_TASK_NAMES:
+        raise ValueError(f"task name {name!r} is taken by an argument of MultiTaskModel.forward "
+                         f"({', '.join(RESERVED_TASK_NAMES)}): rename the task")
     unknown = sorted(set(task) - set(TASK_KEYS))
     if unknown:
         raise ValueError(f"task {name!r}: unknown keys {unknown}; accepted: {list(TASK_KEYS)}")
@@ -70,12 +85,7 @@ def normalize_task(task: Mapping[str, Any], modality: str | None) -> dict[str, A
     loss_weight = task.get("loss_weight", 1.0)
     if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or loss_weight < 0:
         raise ValueError(f"task {name!r}: loss_weight must be a non-negative number, got {loss_weight!r}")
-    ignore_index = task.get("ignore_index", spec.ignore_index)
-    if spec.ignore_index is None:  # regression maps: no ignore value by default, any number allowed
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, float))):
-            raise ValueError(f"task {name!r}: ignore_index must be a number or None, got {ignore_index!r}")
-    elif isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"task {name!r}: ignore_index must be an integer, got {ignore_index!r}")
+    ignore_index = _check_ignore_index(name, spec, task.get("ignore_index", spec.ignore_index))
     entry = {"name": name, "kind": kind, "num_outputs": num_outputs, "loss_weight": float(loss_weight),
              "ignore_index": ignore_index}
     if spec.losses:
@@ -105,8 +115,10 @@ class MultiTaskConfig(PreTrainedConfig):
             the backbone (its config is read from there when ``backbone_config`` is not given).
         tasks: one dict per task: ``name``, ``kind`` (see ``HEAD_KINDS``), ``num_outputs``,
             ``loss_weight`` (1.0), ``ignore_index`` (255 for dense kinds, -100 for text, None for
-            ``dense_regression``), optional class ``labels`` and, for ``dense_regression``, ``loss``
-            (``l1``, the default, or ``mse``).
+            ``dense_regression``; labels equal to it add no loss, and ``regression`` and
+            ``dense_regression`` take any number or None for none), optional class ``labels`` and, for
+            ``dense_regression``, ``loss`` (``l1``, the default, or ``mse``). Task names must differ
+            from ``MultiTaskModel.forward``'s arguments (``RESERVED_TASK_NAMES``).
         feature_levels: vision only: the stages (or ViT blocks, 1-based) whose features are fused;
             default four levels spread evenly up to the last one.
         pooling: text only: ``mean`` (masked mean of token states) or ``cls`` (first token).

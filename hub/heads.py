@@ -58,8 +58,9 @@ def _token_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -10
     return masked_cross_entropy(logits.transpose(1, 2), target, ignore_index=ignore_index)
 
 
-def _regression_loss(prediction: Tensor, target: Tensor, ignore_index: int | None = None) -> Tensor:
-    return mse(prediction, target)
+def _regression_loss(prediction: Tensor, target: Tensor, ignore_index: float | None = None) -> Tensor:
+    """MSE over the labels that are not ``ignore_index``; labels are ``B`` (one output) or ``B x C``."""
+    return mse(prediction, target, ignore_index=ignore_index)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class HeadKind:
     """A head kind: input ``modality`` (``vision`` or ``text``), loss ``loss(pred, target, ignore_index=)``,
     output size (``fixed_outputs`` when the kind allows only one), default ``ignore_index`` (None: no
     ignore value), ``predict`` (raw output -> user units) and, for kinds whose loss a task may choose,
-    ``losses`` (loss name -> function; the task's ``loss`` key picks one, ``default_loss`` otherwise)."""
+    ``losses`` (loss name -> function; the task's ``loss`` key picks one, ``default_loss`` otherwise).
+    ``real_valued`` kinds take real labels: their ``ignore_index`` may be any number or None."""
 
     modality: str
     loss: Callable[..., Tensor]
@@ -76,6 +78,7 @@ class HeadKind:
     ignore_index: int | None = 255
     losses: Mapping[str, Callable[..., Tensor]] = field(default_factory=dict)
     default_loss: str | None = None
+    real_valued: bool = False
 
     def loss_for(self, name: str | None) -> Callable[..., Tensor]:
         """The loss function named ``name`` (the kind's own loss when None)."""
@@ -93,10 +96,10 @@ HEAD_KINDS: dict[str, HeadKind] = {
     "depth": HeadKind("vision", depth_l1, _depth, fixed_outputs=1),
     "normals": HeadKind("vision", normals_l1, _unit_normals, fixed_outputs=3),
     "edges": HeadKind("vision", edge_bce, _probabilities, fixed_outputs=1),
-    "dense_regression": HeadKind("vision", dense_l1, _maps, ignore_index=None,
+    "dense_regression": HeadKind("vision", dense_l1, _maps, ignore_index=None, real_valued=True,
                                  losses={"l1": dense_l1, "mse": dense_mse}, default_loss="l1"),
     "sequence_classification": HeadKind("text", masked_cross_entropy, _class_ids, ignore_index=-100),
-    "regression": HeadKind("text", _regression_loss, _values, ignore_index=-100),
+    "regression": HeadKind("text", _regression_loss, _values, ignore_index=-100, real_valued=True),
     "token_classification": HeadKind("text", _token_cross_entropy, partial(torch.argmax, dim=-1), ignore_index=-100),
 }
 

@@ -15,19 +15,25 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from mtl_plugins.architectures.task_connections import (
+    TaskBatchNorm,
     active_task,
     add_task_connections,
     has_task_connections,
     task_connection_parameters,
+    task_connections,
 )
 
 from .backbones import build_backbone, feature_channels, fuse_feature_maps, mean_pool, vit_feature_maps
-from .card import build_model_card
+from .card import build_model_card, card_fields_from_strategy
 from .configuration import VIT_MODEL_TYPES, MultiTaskConfig, backbone_modality, normalize_task
 from .heads import HEAD_KINDS, DenseHead, SequenceHead, TokenHead
 
 #: Keyword arguments of ``from_pretrained`` that say where and how to fetch the checkpoint's config.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+#: Task fields that shape the weights: a ``config`` given to ``from_pretrained`` must agree on these.
+WEIGHT_FIELDS = ("kind", "num_outputs")
+#: Inputs that ``predict`` passes to the model.
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -86,19 +92,33 @@ class MultiTaskModel(PreTrainedModel):
 
     # -- task-specific connections -------------------------------------------------------------
     def add_task_connections(self, **options: Any) -> MultiTaskModel:
-        """Give every task its own normalisations in the backbone (saved and reloaded with the model)."""
+        """Give every task its own normalisations in the backbone (saved and reloaded with the model).
+
+        ``options`` go to :func:`~mtl_plugins.architectures.task_connections.add_task_connections`; the
+        config records them with the mode that was applied (``batchnorm`` or ``scale_shift``)."""
         if self.config.task_connections is not None:
             raise ValueError("this model already has task-specific connections")
         self._convert_backbone(options)
-        self.config.task_connections = {k: v for k, v in options.items() if k != "example_input"}
+        saved = {k: v for k, v in options.items() if k != "example_input"}
+        self.config.task_connections = {**saved, "mode": self._connection_mode()}
         return self
 
     def _convert_backbone(self, options: Mapping[str, Any]) -> None:
         options = dict(options)
         if self.modality == "vision" and "example_input" not in options:
-            channels = getattr(self.config.backbone_config, "num_channels", 3)
-            options["example_input"] = torch.zeros(2, channels, 64, 64, device=next(self.backbone.parameters()).device)
+            options["example_input"] = self._example_pixels()
         add_task_connections(self.backbone, self.tasks, **options)
+
+    def _example_pixels(self) -> Tensor:
+        """A zero image batch in the backbone's dtype and on its device, for tracing its layers."""
+        channels = getattr(self.config.backbone_config, "num_channels", 3)
+        weight = next(p for p in self.backbone.parameters() if p.is_floating_point())
+        return torch.zeros(2, channels, 64, 64, dtype=weight.dtype, device=weight.device)
+
+    def _connection_mode(self) -> str:
+        """``batchnorm`` (per-task BatchNorms, CVPR 2024) or ``scale_shift`` (this project's transformer extension)."""
+        connections = task_connections(self.backbone)
+        return "batchnorm" if any(isinstance(c, TaskBatchNorm) for c in connections) else "scale_shift"
 
     # -- LibMTL-style parameter access -----------------------------------------------------------
     def get_share_params(self) -> Iterator[nn.Parameter]:
@@ -186,13 +206,18 @@ class MultiTaskModel(PreTrainedModel):
         missing = [t for t in run if t not in labels]
         if missing:
             raise ValueError(f"missing labels for tasks {missing}; got labels for {sorted(labels)}")
-        losses = {}
-        for t in run:
-            entry = self.config.task(t)
-            loss_fn = HEAD_KINDS[entry["kind"]].loss_for(entry.get("loss"))
-            losses[t] = loss_fn(logits[t], labels[t], ignore_index=entry["ignore_index"])
+        losses = {t: self._task_loss(t, logits[t], labels[t]) for t in run}
         loss = torch.stack([self.config.task(t)["loss_weight"] * losses[t] for t in run]).sum()
         return MultiTaskModelOutput(loss=loss, logits=logits, losses=losses)
+
+    def _task_loss(self, task: str, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``task``'s head; label errors name the task."""
+        entry = self.config.task(task)
+        loss_fn = HEAD_KINDS[entry["kind"]].loss_for(entry.get("loss"))
+        try:
+            return loss_fn(logits, labels, ignore_index=entry["ignore_index"])
+        except ValueError as error:
+            raise ValueError(f"task {task!r}: {error}") from error
 
     @torch.no_grad()
     def predict(self, inputs: Mapping[str, Tensor] | Tensor, task: str | None = None) -> dict[str, Tensor]:
@@ -201,8 +226,7 @@ class MultiTaskModel(PreTrainedModel):
         ``B x C x H x W`` maps (dense regression)."""
         if isinstance(inputs, Tensor):
             inputs = {self.main_input_name: inputs}
-        names = ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
-        model_inputs = {k: v for k, v in inputs.items() if k in names}
+        model_inputs = {k: self._to_model(v) for k, v in inputs.items() if k in MODEL_INPUTS}
         training = self.training
         self.eval()
         try:
@@ -211,11 +235,20 @@ class MultiTaskModel(PreTrainedModel):
             self.train(training)
         return {t: HEAD_KINDS[self.config.task(t)["kind"]].predict(value) for t, value in logits.items()}
 
+    def _to_model(self, value: Any) -> Any:
+        """A tensor on the model's device; floating tensors also in the model's dtype."""
+        if not isinstance(value, Tensor):
+            return value
+        if value.is_floating_point():
+            return value.to(device=self.device, dtype=self.dtype)
+        return value.to(self.device)
+
     # -- sharing -------------------------------------------------------------------------------------
     def push_to_hub(
         self,
         repo_id: str,
         *,
+        strategy: Any = None,
         commit_message: str = "Upload multi-task model",
         private: bool | None = None,
         token: str | bool | None = None,
@@ -228,9 +261,12 @@ class MultiTaskModel(PreTrainedModel):
 
         ``card_fields`` go to :func:`~mtl_plugins.hub.build_model_card` (``method``, ``method_settings``,
         ``metrics``, ``delta_m``, ``datasets``, ``task_groups``, ``priority_stats``, ``base_model``,
-        ``license``). Returns the commit info.
+        ``license``). A training ``strategy`` adds its method, settings and task groups or priority
+        statistics (:func:`~mtl_plugins.hub.card.card_fields_from_strategy`); ``card_fields`` given
+        explicitly take precedence. Returns the commit info.
         """
-        card = build_model_card(self.config, repo_id=repo_id, **card_fields)
+        strategy_fields = card_fields_from_strategy(strategy) if strategy is not None else {}
+        card = build_model_card(self.config, repo_id=repo_id, **{**strategy_fields, **card_fields})
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
@@ -245,9 +281,10 @@ class MultiTaskModel(PreTrainedModel):
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, tasks: Sequence[Any] | None = None, **kwargs: Any):
-        """Load a checkpoint (safetensors only). ``tasks`` (names or task dicts) and ``config``, when
-        given, must match the checkpoint's tasks and head kinds; any weight the checkpoint lacks or
-        has in excess is an error."""
+        """Load a checkpoint (safetensors only). ``tasks`` (names or task dicts), when given, must name
+        the checkpoint's tasks, and every field a task dict gives (``kind``, ``num_outputs``,
+        ``loss_weight``, ...) must match the saved task; a ``config`` must match its task names, kinds
+        and output sizes. Any weight the checkpoint lacks or has in excess is an error."""
         if kwargs.get("use_safetensors") is False:
             raise ValueError("MultiTaskModel reads safetensors checkpoints only; pickle checkpoints are refused")
         if kwargs.get("ignore_mismatched_sizes"):
@@ -258,7 +295,7 @@ class MultiTaskModel(PreTrainedModel):
         saved = MultiTaskConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         given = kwargs.get("config")
         if isinstance(given, MultiTaskConfig):
-            check_tasks_match(saved.tasks, given.tasks, pretrained_model_name_or_path)
+            check_tasks_match(saved.tasks, given.tasks, pretrained_model_name_or_path, fields=WEIGHT_FIELDS)
         if tasks is not None:
             check_tasks_match(saved.tasks, tasks, pretrained_model_name_or_path)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
@@ -268,15 +305,12 @@ class MultiTaskModel(PreTrainedModel):
         return (model, info) if want_info else model
 
 
-def check_tasks_match(saved: Sequence[Mapping[str, Any]], requested: Sequence[Any], source: Any) -> None:
-    """Raise ``ValueError`` naming every task whose presence, kind or output size differs."""
+def check_tasks_match(saved: Sequence[Mapping[str, Any]], requested: Sequence[Any], source: Any,
+                      fields: Sequence[str] | None = None) -> None:
+    """Raise ``ValueError`` naming every task that is missing, not requested, or differs from the
+    checkpoint in a field the caller gave (only ``fields``, when given)."""
     saved_by_name = {t["name"]: t for t in saved}
-    if isinstance(requested, str):
-        raise TypeError(f"tasks must be a list of task names or task dicts, got {requested!r}")
-    wanted = {}
-    for t in requested:
-        entry = {"name": t} if isinstance(t, str) else dict(t)
-        wanted[entry["name"]] = entry
+    wanted = {entry["name"]: entry for entry in (_requested_task(t) for t in _task_list(requested))}
     problems = []
     missing = [n for n in wanted if n not in saved_by_name]
     extra = [n for n in saved_by_name if n not in wanted]
@@ -285,12 +319,46 @@ def check_tasks_match(saved: Sequence[Mapping[str, Any]], requested: Sequence[An
     if extra:
         problems.append(f"the checkpoint has tasks {extra} that were not requested")
     for name in [n for n in wanted if n in saved_by_name]:
-        entry, have = wanted[name], saved_by_name[name]
-        if "kind" in entry and entry["kind"] != have["kind"]:
-            problems.append(f"task {name!r} is {have['kind']!r} in the checkpoint, requested {entry['kind']!r}")
-        elif "kind" in entry and normalize_task(entry, None)["num_outputs"] != have["num_outputs"]:
-            problems.append(f"task {name!r} has {have['num_outputs']} outputs in the checkpoint, "
-                            f"requested {normalize_task(entry, None)['num_outputs']}")
+        problems += task_differences(wanted[name], saved_by_name[name], fields)
     if problems:
         raise ValueError(f"checkpoint {str(source)!r} does not match the requested tasks: " + "; ".join(problems)
                          + f" (checkpoint tasks: {[(t['name'], t['kind']) for t in saved]})")
+
+
+def _task_list(requested: Any) -> Sequence[Any]:
+    if isinstance(requested, (str, Mapping)) or not isinstance(requested, Sequence):
+        raise TypeError(f"tasks must be a list of task names or task dicts, got {requested!r}")
+    return requested
+
+
+def _requested_task(task: Any) -> dict[str, Any]:
+    """A requested task as a dict with a ``name`` (a bare name means: any task of that name)."""
+    if isinstance(task, str):
+        return {"name": task}
+    if not isinstance(task, Mapping) or not isinstance(task.get("name"), str):
+        raise TypeError(f"each requested task must be a name or a dict with a 'name', got {task!r}")
+    return dict(task)
+
+
+def task_differences(requested: Mapping[str, Any], saved: Mapping[str, Any],
+                     fields: Sequence[str] | None = None) -> list[str]:
+    """How the fields given in ``requested`` differ from the ``saved`` task, each compared after the
+    fields not given are filled in from the saved task."""
+    name = saved["name"]
+    given = [k for k in requested if k != "name" and (fields is None or k in fields)]
+    if "kind" in given and requested["kind"] != saved["kind"]:
+        return [f"task {name!r} is {saved['kind']!r} in the checkpoint, requested {requested['kind']!r}"]
+    try:
+        merged = normalize_task({**saved, **{k: requested[k] for k in given}}, None)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    for key in given:
+        have, want = saved.get(key), merged.get(key)
+        if want == have:
+            continue
+        if key == "num_outputs":
+            problems.append(f"task {name!r} has {have} outputs in the checkpoint, requested {want}")
+        else:
+            problems.append(f"task {name!r} has {key}={have!r} in the checkpoint, requested {want!r}")
+    return problems

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import available_architectures, available_strategies
-from .config import apply_overrides, list_recipes, load_recipe
+from .config import apply_overrides, check_recipe, list_recipes, load_recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,18 +41,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mtl-train: error: give a recipe (see mtl-train --list)", file=sys.stderr)
         return 2
     try:
-        recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
+        recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides))
     except (ValueError, FileNotFoundError) as error:
-        print(f"mtl-train: error: {error}", file=sys.stderr)
+        print(f"mtl-train: error: {one_line(error)}", file=sys.stderr)
         return 2
     from .runner import is_main_process, run_recipe
 
     try:
         summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines, progress=not args.no_progress)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
+    except (ValueError, TypeError, KeyError, OSError) as error:
         if args.traceback:
             raise
-        print(f"mtl-train: error: {error}", file=sys.stderr)
+        print(f"mtl-train: error: {describe(error, recipe)}", file=sys.stderr)
         print("mtl-train: (run again with --traceback for details)", file=sys.stderr)
         return 2
     finally:
@@ -60,6 +61,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
         print(f"outputs written to {args.output_dir or recipe.get('output_dir', 'runs/run')}")
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line."""
+    return " ".join(str(error).split())
+
+
+def describe(error: BaseException, recipe: Mapping[str, Any]) -> str:
+    """A one-line message; a model or file that could not be read (e.g. a pretrained backbone missing
+    from the offline cache) says so first, with the recipe's ``backbone_pretrained`` if it has one."""
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        backbone = ((recipe.get("model") or {}).get("options") or {}).get("backbone_pretrained")
+        source = f" (model.options.backbone_pretrained={backbone})" if backbone else ""
+        return f"could not load a pretrained model or file{source}: {one_line(error)}"
+    return one_line(error)
 
 
 def _end_distributed() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from . import available_strategies, build_strategy
-from .config import apply_overrides, load_recipe
+from .config import apply_overrides, check_recipe, load_recipe
 from .registry import STRATEGIES
 
 DEFAULT_STRATEGIES = ("ew", "uw", "dwa", "pcgrad", "mgda", "cagrad", "imtl", "nash_mtl")
@@ -38,6 +38,12 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"strategy {spec!r}: option {item!r} is not of the form key=value")
         options[key] = yaml.safe_load(raw)
     return name, options
+
+
+def converts_itself(model: Mapping[str, Any]) -> bool:
+    """True when a recipe's ``model`` section already builds task-specific connections (the Hub
+    model's ``options.task_connections``, as in the ``*-connstr`` recipes)."""
+    return (model.get("options") or {}).get("task_connections") is not None
 
 
 def prepare(recipe: Mapping[str, Any], specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -60,7 +66,7 @@ def prepare(recipe: Mapping[str, Any], specs: Sequence[str]) -> list[tuple[str, 
         if STRATEGIES.get(canonical).needs_task_connections:
             # conn_strength runs on the recipe's model with task-specific connections
             model = dict(recipe.get("model") or {})
-            if model.get("architecture", "hps") in ("hps", "HPS"):
+            if model.get("architecture", "hps") in ("hps", "HPS") and not converts_itself(model):
                 run["model"] = {**model, "architecture": "task_connections"}
         elif tasks:  # builds it once: raises now if an optional dependency is missing
             build_strategy(canonical, tasks, **options)
@@ -135,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
+        recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides))
         runs = prepare(recipe, args.strategies)
     except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
         print(f"mtl-compare: error: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from torch import Tensor
@@ -24,6 +25,10 @@ MAX_ITER = 200
 CONVERGENCE_ITER = 50
 CONVERGENCE_STEP = 100
 TRIES = 10
+
+
+ColumnScaling = Literal["spec", "released"]
+COLUMN_SCALINGS = ("spec", "released")
 
 
 class InvalidAffinityError(ValueError):
@@ -39,8 +44,15 @@ class Grouping:
     reason: str = ""
 
 
-def scaled_affinity(affinity: Tensor | np.ndarray) -> np.ndarray:
-    """``X[:, t] = A[:, t] / A[t, t]``, then ``(X + X.T) / 2`` (float64, diagonal 1)."""
+def scaled_affinity(affinity: Tensor | np.ndarray, column_scaling: ColumnScaling = "spec") -> np.ndarray:
+    """``X[:, t] = A[:, t] / A[t, t]``, then ``(X + X.T) / 2`` (float64, diagonal 1).
+
+    ``column_scaling="released"`` reproduces the released code's in-place loop
+    ``X[:, i] /= X[i, i]``: the divisor is an element of the column being divided, so once it has
+    become 1 the rows below the diagonal are left unscaled (``X[s, t] = A[s, t]`` for ``s > t``).
+    """
+    if column_scaling not in COLUMN_SCALINGS:
+        raise ValueError(f"column_scaling must be one of {COLUMN_SCALINGS}, got {column_scaling!r}")
     if isinstance(affinity, Tensor):
         affinity = affinity.detach().cpu().double().numpy()
     a = np.asarray(affinity, dtype=np.float64)
@@ -52,6 +64,9 @@ def scaled_affinity(affinity: Tensor | np.ndarray) -> np.ndarray:
         raise InvalidAffinityError(f"self-affinity A[i, i] must be positive and finite; invalid at rows "
                                    f"{bad.tolist()}: {diagonal[bad].tolist()}")
     x = a / diagonal[None, :]
+    if column_scaling == "released":
+        below = np.tril_indices_from(a, k=-1)
+        x[below] = a[below]
     x = (x + x.T) / 2
     if not np.isfinite(x).all():
         raise InvalidAffinityError("the scaled affinity matrix has non-finite entries")
@@ -84,12 +99,13 @@ def groups_from_labels(labels: Sequence[int], tasks: Sequence[str]) -> list[list
 
 
 def cluster_tasks(affinity: Tensor | np.ndarray, tasks: Sequence[str], *, preference: float | None = None,
-                  random_state: int = 0, tries: int = TRIES) -> list[list[str]] | None:
+                  random_state: int = 0, tries: int = TRIES,
+                  column_scaling: ColumnScaling = "spec") -> list[list[str]] | None:
     """Groups from affinity propagation with the retry rule; ``None`` if no fit found an exemplar.
 
     Raises :class:`InvalidAffinityError` when the self-affinities cannot scale the columns.
     """
-    similarity = scaled_affinity(affinity)
+    similarity = scaled_affinity(affinity, column_scaling)
     if similarity.shape[0] != len(tasks):
         raise ValueError(f"affinity is {similarity.shape[0]} x {similarity.shape[0]} but there are {len(tasks)} tasks")
     convergence_iter = CONVERGENCE_ITER
@@ -104,11 +120,13 @@ def cluster_tasks(affinity: Tensor | np.ndarray, tasks: Sequence[str], *, prefer
 
 
 def choose_groups(affinity: Tensor | np.ndarray, tasks: Sequence[str], previous: Sequence[Sequence[str]], *,
-                  preference: float | None = None, random_state: int = 0) -> Grouping:
+                  preference: float | None = None, random_state: int = 0,
+                  column_scaling: ColumnScaling = "spec") -> Grouping:
     """:func:`cluster_tasks`, keeping ``previous`` (with the reason) when it cannot produce groups."""
     kept = [list(g) for g in previous]
     try:
-        groups = cluster_tasks(affinity, tasks, preference=preference, random_state=random_state)
+        groups = cluster_tasks(affinity, tasks, preference=preference, random_state=random_state,
+                               column_scaling=column_scaling)
     except InvalidAffinityError as error:
         return Grouping(kept, True, f"invalid affinity ({error})")
     if groups is None:

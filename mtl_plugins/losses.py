@@ -4,6 +4,7 @@ Dense losses follow the ICLR 2025 selective-update recipe: cross-entropy ignorin
 segmentation and human parts, L1 on valid pixels for depth, L1 on the L2-normalised prediction for
 normals, class-balanced binary cross-entropy for edges (positive weight 0.95) and saliency (weight
 from the label balance). Signed dense regression maps (Taskonomy) use L1 or MSE over every element.
+Regression losses (``mse``, ``l1``) leave out labels equal to ``ignore_index`` when one is given.
 Masked losses average over valid positions and are 0 when none is valid.
 """
 
@@ -24,12 +25,37 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> T
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
 
 
-def mse(prediction: Tensor, target: Tensor) -> Tensor:
-    return F.mse_loss(prediction.reshape(target.shape), target.to(prediction.dtype))
+def _regression_target(prediction: Tensor, target: Tensor, name: str) -> Tensor:
+    """``target`` in ``prediction``'s shape: equal shapes, or one side with an extra trailing dim of size 1."""
+    if target.shape != prediction.shape:
+        if prediction.shape[-1:] == (1,) and target.shape == prediction.shape[:-1]:
+            target = target.unsqueeze(-1)
+        elif target.shape[-1:] == (1,) and target.shape[:-1] == prediction.shape:
+            target = target.squeeze(-1)
+        else:
+            raise ValueError(f"{name}: labels of shape {tuple(target.shape)} do not match predictions of shape "
+                             f"{tuple(prediction.shape)} (expected B x C, or B for one output)")
+    return target
 
 
-def l1(prediction: Tensor, target: Tensor) -> Tensor:
-    return F.l1_loss(prediction.reshape(target.shape), target.to(prediction.dtype))
+def _regression_loss(loss_fn: Callable[..., Tensor], prediction: Tensor, target: Tensor,
+                     ignore_index: float | None, name: str) -> Tensor:
+    """``loss_fn`` (``F.mse_loss`` or ``F.l1_loss``) averaged over the labels that are not ``ignore_index``."""
+    target = _regression_target(prediction, target, name)
+    values = target.to(prediction.dtype)
+    if ignore_index is None:
+        return loss_fn(prediction, values)
+    return _masked_mean(loss_fn(prediction, values, reduction="none"), target != ignore_index)
+
+
+def mse(prediction: Tensor, target: Tensor, ignore_index: float | None = None) -> Tensor:
+    """Mean squared error over the labels that are not ``ignore_index`` (0 when none is left)."""
+    return _regression_loss(F.mse_loss, prediction, target, ignore_index, "MSE loss")
+
+
+def l1(prediction: Tensor, target: Tensor, ignore_index: float | None = None) -> Tensor:
+    """Mean absolute error over the labels that are not ``ignore_index`` (0 when none is left)."""
+    return _regression_loss(F.l1_loss, prediction, target, ignore_index, "L1 loss")
 
 
 def _dense_target(prediction: Tensor, target: Tensor, name: str) -> Tensor:

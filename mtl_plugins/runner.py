@@ -18,6 +18,7 @@ from . import build_architecture, build_strategy
 from .data import DataBundle, build_data
 from .metrics import delta_m, task_metric
 from .metrics.paper import delta_m_selection
+from .metrics.streaming import StreamingComputeMetrics
 from .models import build_model as build_recipe_model
 from .plots import plot_loss_curves
 from .registry import STRATEGIES
@@ -120,6 +121,18 @@ def higher_is_better(data: DataBundle, dataset: str | None = None,
     return selection if all(name in available for name in selection) else main
 
 
+def split_metrics(results: Mapping[str, Any], data: DataBundle, prefix: str = "test") -> dict[str, dict[str, float]]:
+    """An evaluation's ``"<prefix>_<task>/<metric>"`` results as ``{"main": ..., "all": ...}``: each
+    task's main metric (in task order) and every metric computed for the tasks, named ``"<task>/<metric>"``."""
+    every = {}
+    for key, value in results.items():
+        name = key.removeprefix(f"{prefix}_")
+        if name != key and name.split("/")[0] in data.tasks and "/" in name:
+            every[name] = float(value)
+    main = {name: every[name] for name in (f"{t}/{data.task_specs[t].metric}" for t in data.tasks)}
+    return {"main": main, "all": every}
+
+
 def is_main_process() -> bool:
     """False on every process but the first of a distributed launch (torchrun, accelerate launch)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -137,19 +150,22 @@ def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress:
     args = MultiTaskTrainingArguments(output_dir=str(output_dir), disable_tqdm=not progress, **options)
     optimizer = None
     if opts.get("optim", "adam") == "adam":
-        optimizer = (torch.optim.Adam, {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})
+        # lr: the default that schedulers read (polynomial decay's lr_end is relative to it)
+        optimizer = (torch.optim.Adam, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+                                        "eps": args.adam_epsilon})
     return args, optimizer
 
 
 def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None = None,
         output_dir: str | Path | None = None) -> dict[str, Any]:
     """Train the recipe's model with its strategy through :class:`~mtl_plugins.trainers.MultiTaskTrainer`;
-    returns model, strategy, test metrics and log records. Trainer checkpoints, when the recipe's
+    returns model, strategy, test metrics (``metrics``: each task's main metric; ``all_metrics``: every
+    metric the evaluation computes) and log records. Trainer checkpoints, when the recipe's
     ``training.save_strategy`` asks for them, go to ``<output_dir>/checkpoints``."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .trainers import LogRecorder, LossProgress, MultiTaskTrainer, make_compute_metrics
+    from .trainers import LogRecorder, LossProgress, MultiTaskTrainer
 
     opts = training_options(recipe)
     set_seed(int(opts["seed"]))
@@ -162,7 +178,7 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     recorder = LogRecorder(log_path if is_main_process() else None)
     trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                strategy=strategy, tasks=tasks, callbacks=[recorder], optimizer_cls_and_kwargs=optimizer,
-                               compute_metrics=make_compute_metrics(data.task_specs, tasks=tasks))
+                               compute_metrics=StreamingComputeMetrics(data.task_specs, tasks=tasks))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgress)
@@ -174,20 +190,20 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     if is_main_process():
         with contextlib.suppress(OSError):  # the Trainer creates it even when it saves nothing
             (out / "checkpoints").rmdir()
-    results = trainer.evaluate(metric_key_prefix="test")
-    metrics = {name: results[f"test_{name}"] for name in (f"{t}/{data.task_specs[t].metric}" for t in tasks)}
-    return {"model": model, "strategy": trainer.strategy, "metrics": metrics, "records": recorder.records,
-            "data": data, "train_seconds": seconds, "steps": trainer.state.global_step}
+    metrics = split_metrics(trainer.evaluate(metric_key_prefix="test"), data)
+    return {"model": model, "strategy": trainer.strategy, "metrics": metrics["main"], "all_metrics": metrics["all"],
+            "records": recorder.records, "data": data, "train_seconds": seconds, "steps": trainer.state.global_step}
 
 
 def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode: str, progress: bool) -> dict[str, float] | None:
-    """Test metrics of one single-task model per task (``ew`` on that task alone), cached by config."""
+    """Every test metric of one single-task model per task (``ew`` on that task alone), cached by config."""
     if mode == "skip":
         return None
     if mode not in ("cache", "train"):
         raise ValueError(f"baselines must be 'cache', 'train' or 'skip', got {mode!r}")
     key_source = {k: recipe.get(k) for k in ("data", "model", "training")}
     key_source["model"] = {**(key_source["model"] or {}), "architecture": "hps"}
+    key_source["metrics"] = "all"  # caches that hold each task's main metric only are not reused
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "baselines" / f"{key}.json"
     cached = json.loads(path.read_text()) if path.exists() and mode == "cache" else {}
@@ -197,7 +213,7 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
             continue
         single = {**recipe, "data": {**recipe.get("data", {}), "tasks": [task]}, "strategy": {"name": "ew"},
                   "model": key_source["model"]}
-        cached.update(fit(single, progress=progress)["metrics"])
+        cached.update(fit(single, progress=progress)["all_metrics"])
         trained = True
     if trained and is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +241,8 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
                progress: bool = True) -> dict[str, Any]:
     """Run a recipe and write its outputs; returns the summary written to ``results.json``.
 
-    Outputs: ``config.yaml``, ``train_log.jsonl``, ``results.json``, ``model.safetensors``,
+    Outputs: ``config.yaml``, ``train_log.jsonl``, ``results.json`` (``test_metrics``: each task's main
+    metric; ``all_test_metrics``: every metric of the evaluation), ``model.safetensors``,
     ``strategy_state.pt``, plots and, for Hugging Face models, ``model/`` (``save_pretrained``
     folder with a model card) that ``AutoModel.from_pretrained`` loads after ``import mtl_plugins.hub``.
 
@@ -245,13 +262,14 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
         "steps": result["steps"],
         "train_seconds": round(result["train_seconds"], 2),
         "test_metrics": metrics,
+        "all_test_metrics": result["all_metrics"],
     }
     reference = single_task_baselines(recipe, tasks, baselines or recipe.get("baselines", "cache"), progress)
     if reference is not None:
         summary["single_task_metrics"] = reference
         dataset = recipe.get("data", {}).get("dataset", "multidigits")
-        selection = higher_is_better(data, dataset, set(metrics) & set(reference))
-        summary["delta_m"] = delta_m(metrics, reference, selection)
+        selection = higher_is_better(data, dataset, set(result["all_metrics"]) & set(reference))
+        summary["delta_m"] = delta_m(result["all_metrics"], reference, selection)
         summary["delta_m_metrics"] = list(selection)
     if not main:
         return summary

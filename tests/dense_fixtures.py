@@ -175,3 +175,12 @@ def write_cityscapes(root: Path, n_train: int = 3, n_val: int = 2, shape: tuple[
             np.save(root / split / "depth" / f"{i}.npy", depth)
             out[split].append({"image": image, "semseg": label, "depth": depth})
     return out
+
+
+#: Overrides that train a Cityscapes recipe for 2 steps on a tiny random ResNet (no download).
+TINY_CITYSCAPES = ["model.options.backbone_pretrained=null",
+                   "model.options.backbone_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 8, 16, 16], "
+                   "depths: [1, 1, 1, 1], layer_type: basic}",
+                   "training.max_steps=2", "training.per_device_train_batch_size=3",
+                   "training.per_device_eval_batch_size=2", "training.dataloader_num_workers=0",
+                   "training.logging_steps=1"]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from mtl_plugins.cli import main
-from mtl_plugins.config import apply_overrides, list_recipes, load_recipe
+from mtl_plugins.config import apply_overrides, check_recipe, list_recipes, load_recipe
 from mtl_plugins.metrics import delta_m
 
 TINY = ["data.train_size=128", "data.eval_size=64", "training.per_device_train_batch_size=32", "training.logging_steps=1"]
@@ -23,6 +23,57 @@ def test_overrides_parse_yaml_values():
         apply_overrides({}, ["novalue"])
     with pytest.raises(ValueError, match="not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_overrides_read_scientific_notation_as_floats():
+    recipe = apply_overrides(load_recipe("quickstart"), ["training.learning_rate=1e-4", "strategy.options.beta=2.5E+3",
+                                                         "data.x=[1e-3, -2e5]", "data.name='1e-4'", "data.y=1e"])
+    assert recipe["training"]["learning_rate"] == 1e-4 and isinstance(recipe["training"]["learning_rate"], float)
+    assert recipe["strategy"]["options"]["beta"] == 2500.0
+    assert recipe["data"]["x"] == [0.001, -200000.0]
+    assert recipe["data"]["name"] == "1e-4" and recipe["data"]["y"] == "1e"  # quoted or not a number: strings
+
+
+def test_strategy_name_alone_is_short_for_a_strategy_section():
+    assert apply_overrides(load_recipe("quickstart"), ["strategy=ew"])["strategy"] == {"name": "ew"}
+    recipe = apply_overrides({"strategy": "famo"}, ["strategy.options.gamma=0.01"])
+    assert recipe["strategy"] == {"name": "famo", "options": {"gamma": 0.01}}
+    assert check_recipe({"strategy": "ew", "training": None})["strategy"] == {"name": "ew"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training=3", "recipe section 'training' must be a mapping of options, got 3"),
+        ("data=[a, b]", "recipe section 'data' must be a mapping of options"),
+        ("model.options=7", "recipe section 'model.options' must be a mapping of options, got 7"),
+        ("trainng.seed=1",
+         r"recipe: unknown keys \['trainng'\]; accepted: data, model, strategy, training, baselines, output_dir"),
+        ("model.option.width=8",
+         r"recipe section 'model': unknown keys \['option'\]; accepted: name, architecture, options"),
+        ("strategy.warmup_steps=3",
+         r"recipe section 'strategy': unknown keys \['warmup_steps'\]; accepted: name, options"),
+        ("baselines=never", "baselines must be one of cache, train, skip, got 'never'"),
+    ],
+)
+def test_recipe_layout_errors_are_clear(override, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        check_recipe(apply_overrides(load_recipe("quickstart"), [override]))
+    assert main(["quickstart", override, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtl-train: error: ") and "Traceback" not in err
+
+
+def test_a_pretrained_backbone_missing_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["quickstart", "model.name=hub_multitask",
+                 "model.options={backbone_pretrained: no-such-org/no-such-model}", *TINY,
+                 "--baselines", "skip", "--output-dir", str(tmp_path), "--no-progress"])
+    assert code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("mtl-train: error: could not load a pretrained model or file "
+                               "(model.options.backbone_pretrained=no-such-org/no-such-model): ")
+    assert lines[1:] == ["mtl-train: (run again with --traceback for details)"]
 
 
 def test_unknown_recipe_is_a_clear_error(capsys):

@@ -87,3 +87,49 @@ def test_model_aware_strategy_is_prepared_with_task_connections():
     assert runs["conn_strength"]["model"]["architecture"] == "task_connections"
     assert runs["conn_strength"]["strategy"] == {"name": "conn_strength", "options": {}}
     assert runs["ew"]["model"]["architecture"] == "hps"
+
+
+def test_recipes_whose_model_converts_itself_are_not_converted_again():
+    runs = dict(compare.prepare(load_recipe("nyud-connstr"), ["conn_strength", "ew"]))
+    assert runs["conn_strength"]["model"]["architecture"] == "hps"
+    assert runs["conn_strength"]["model"]["options"]["task_connections"] == {"mode": "batchnorm"}
+    plain = dict(compare.prepare(load_recipe("nyud-connstr-ew"), ["conn_strength"]))
+    assert plain["conn_strength"]["model"]["architecture"] == "task_connections"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe_name", ["cityscapes-connstr-ew", "cityscapes-connstr"])
+def test_conn_strength_run_on_a_hub_model_saves_a_folder_that_reloads(recipe_name, tmp_path, monkeypatch):
+    import torch
+    from dense_fixtures import TINY_CITYSCAPES, write_cityscapes
+    from transformers import AutoModel
+
+    import mtl_plugins.hub  # noqa: F401  (registers the model with AutoModel)
+    from mtl_plugins import runner
+    from mtl_plugins.architectures.task_connections import connected_layers
+    from mtl_plugins.config import apply_overrides
+
+    write_cityscapes(tmp_path / "data")
+    recipe = apply_overrides(load_recipe(recipe_name), [f"data.root={tmp_path / 'data'}", *TINY_CITYSCAPES])
+    trained = []
+    original_fit = runner.fit
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: trained.append(original_fit(*a, **k)) or trained[-1])
+    rows = compare.run_all(compare.prepare(recipe, ["conn_strength"]), tmp_path / "out", baselines="skip",
+                           progress=False)
+    assert rows[0]["steps"] == 2
+    model = trained[0]["model"].eval()
+    assert model.config.task_connections is not None
+    assert all(layer.name.startswith("backbone.") for layer in connected_layers(model))
+    reloaded = AutoModel.from_pretrained(tmp_path / "out" / "conn_strength" / "model").eval()
+    assert reloaded.config.task_connections == model.config.task_connections
+    assert [layer.name for layer in connected_layers(reloaded)] == [layer.name for layer in connected_layers(model)]
+    x = torch.randn(2, 3, 16, 32)
+    with torch.no_grad():
+        expected, got = model(pixel_values=x).logits, reloaded(pixel_values=x).logits
+    for task in ("semseg", "depth"):
+        assert torch.equal(got[task], expected[task]), task
+
+
+def test_unknown_recipe_keys_are_an_error(capsys):
+    assert compare.main(["quickstart", "strategy.nmae=pcgrad", "--strategies", "ew"]) == 2
+    assert "nmae" in capsys.readouterr().err

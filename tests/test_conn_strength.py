@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import mtl_plugins
@@ -210,6 +211,125 @@ def test_phase2_gradient_matches_a_float64_reference(seed):
         assert got[n] is not None, n
         assert torch.allclose(got[n], expected[n], rtol=1e-10, atol=1e-12), n
     assert any(not torch.allclose(got[n], sum(per_task[t][n] for t in TASKS)) for n, _ in PAIRS)  # projected
+
+
+class ReducingRecorder(Updater):
+    """Records every ``reduce_`` (the tensors, cloned) and scales the tensors by ``factor`` in place."""
+
+    def __init__(self, optimizer, averages_gradients, factor=0.5):
+        super().__init__(optimizer)
+        self.averages_gradients, self.factor = averages_gradients, factor
+        self.reduced: list[list[torch.Tensor]] = []
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def reduce_(self, tensors):
+        self.reduced.append([t.clone() for t in tensors])
+        for t in tensors:
+            t.mul_(self.factor)
+
+    def step(self, final=False):
+        self.grads = {id(p): p.grad.clone() for p in self.params if p.grad is not None}
+        return super().step(final)
+
+
+def per_task_reference(model, batch):
+    """Each task's float64 gradient of every parameter, by autograd on a copy (same BN statistics)."""
+    reference = copy.deepcopy(model)
+    params = dict(reference.named_parameters())
+    grads = {}
+    for t in TASKS:
+        g = torch.autograd.grad(reference(**batch, task=t).losses[t], list(params.values()), allow_unused=True)
+        grads[t] = {n: torch.zeros_like(p) if gi is None else gi for (n, p), gi in zip(params.items(), g)}
+    return grads
+
+
+@pytest.mark.parametrize("averages_gradients", [False, True])
+def test_phase2_reduces_the_gradients_it_reads_unless_backward_averaged_them(averages_gradients):
+    model = make_model(torch.float64, seed=3)
+    randomize_connections(model, 3)
+    batch = make_batch(3, dtype=torch.float64)
+    per_task = per_task_reference(model, batch)
+    plain = copy.deepcopy(model)
+    plain_updater = ReducingRecorder(torch.optim.SGD(plain.parameters(), lr=0.1), averages_gradients=True)
+    mtl_plugins.build_strategy("conn_strength", TASKS, model=plain, schedule="phase2").step(
+        make_closure(plain, batch), plain_updater)
+
+    updater = ReducingRecorder(torch.optim.SGD(model.parameters(), lr=0.1), averages_gradients)
+    strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=model, schedule="phase2")
+    strategy.step(make_closure(model, batch), updater)
+    unreduced = [plain_updater.grads[id(p)] for p in plain.parameters()]
+    got = [updater.grads[id(p)] for p in model.parameters()]
+    if averages_gradients:
+        assert updater.reduced == []
+        for g, expected in zip(got, unreduced):
+            assert torch.equal(g, expected)
+        return
+    assert len(updater.reduced) == 1
+    [tensors] = updater.reduced
+    for tensor, (name, _) in zip(tensors, PAIRS):  # first the connected layers' per-task gradients [K, C, D]
+        expected = torch.stack([per_task[t][name].reshape(per_task[t][name].shape[0], -1) for t in TASKS])
+        assert torch.allclose(tensor, expected, rtol=1e-10, atol=1e-12), name
+    connected = {id(layer.weight) for layer in strategy.layers}
+    others = [p for p in model.parameters() if id(p) not in connected]
+    assert len(tensors) == len(PAIRS) + len(others)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for tensor, p in zip(tensors[len(PAIRS):], others):  # then every other parameter's summed gradient
+        expected = sum(per_task[t][names[id(p)]] for t in TASKS)
+        assert torch.allclose(tensor, expected, rtol=1e-10, atol=1e-12), names[id(p)]
+    # the step uses the reduced gradients: halved everywhere (the combination is scale-equivariant)
+    for g, expected in zip(got, unreduced):
+        assert torch.allclose(g, 0.5 * expected, rtol=1e-10, atol=1e-14)
+    assert any(not torch.allclose(g, expected) for g, expected in zip(got, unreduced))
+
+
+class AllReduceUpdater(Updater):
+    """Plain backward per process; ``reduce_`` averages across processes (gloo)."""
+
+    def reduce_(self, tensors):
+        for t in tensors:
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+
+
+def frozen_statistics_model():
+    """make_model with BatchNorm running statistics that stay put: a plain loop does not sync buffers,
+    and the connection strength reads the running variances."""
+    model = make_model(seed=5)
+    randomize_connections(model, 5)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0
+    return model
+
+
+def _ddp_phase2_worker(rank, world_size, init_file, out_dir, steps):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = frozen_statistics_model()
+        strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=model, schedule="phase2")
+        updater = AllReduceUpdater(torch.optim.Adam(model.parameters(), lr=0.05))
+        for step in range(steps):
+            strategy.step(make_closure(model, make_batch(seed=100 * step + rank)), updater)
+        torch.save([p.detach() for p in model.parameters()], f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_phase2_keeps_processes_identical_with_a_reducing_updater(tmp_path):
+    steps, world_size = 3, 2
+    torch.multiprocessing.spawn(_ddp_phase2_worker, nprocs=world_size, join=True,
+                                args=(world_size, str(tmp_path / "init"), str(tmp_path), steps))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    for p, q in zip(*ranks):
+        assert torch.equal(p, q)
+    alone = frozen_statistics_model()  # rank 0's batches only: the other rank's data must have counted
+    strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=alone, schedule="phase2")
+    optimizer = torch.optim.Adam(alone.parameters(), lr=0.05)
+    for step in range(steps):
+        strategy.step(make_closure(alone, make_batch(seed=100 * step)), optimizer)
+    assert any(not torch.allclose(p, q) for p, q in zip(ranks[0], alone.parameters()))
 
 
 def snapshot_task(state, task):

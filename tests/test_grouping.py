@@ -132,6 +132,31 @@ def test_a_real_failed_fit_is_recovered_by_the_retry():
     assert not result.kept_previous and result.groups == [["a", "c"], ["b", "d"]]
 
 
+def test_released_column_scaling_matches_the_in_place_loop():
+    # The released code scales with ``X[:, i] /= X[i, i]`` on a torch tensor: the divisor is read
+    # from the column while it is being divided, so rows below the diagonal stay unscaled.
+    rng = np.random.default_rng(3)
+    a = rng.uniform(-0.5, 0.5, size=(5, 5)) + np.diag(rng.uniform(0.5, 2.0, size=5))
+    x = torch.tensor(a)
+    for i in range(len(x)):
+        x[:, i] /= x[i, i]
+    released = ((x + x.T) / 2).numpy()
+    np.testing.assert_allclose(scaled_affinity(a, "released"), released, rtol=1e-15)
+    assert np.abs(scaled_affinity(a) - released).max() > 0.01
+    with pytest.raises(ValueError, match="column_scaling"):
+        scaled_affinity(a, "paper")
+
+
+def test_released_column_scaling_changes_the_groups():
+    # Unscaled entries below the diagonal carry the columns' scales (1000 for task b): the planted
+    # blocks are no longer recovered.
+    a = block_affinity([[0, 1, 2], [3, 4, 5]], 6, SCALES)
+    assert cluster_tasks(a, TASKS, random_state=0) == [["a", "b", "c"], ["d", "e", "f"]]
+    released = cluster_tasks(a, TASKS, random_state=0, column_scaling="released")
+    assert released == cluster_tasks(scaled_affinity(a, "released"), TASKS, random_state=0)  # diagonal 1
+    assert released != [["a", "b", "c"], ["d", "e", "f"]]
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
 def test_invalid_self_affinity_keeps_previous_groups(bad):
     a = block_affinity([[0, 1, 2], [3, 4, 5]], 6, SCALES)

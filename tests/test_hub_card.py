@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 from safetensors.torch import load
-from test_hub_fixtures import DENSE_TASKS, TEXT_TASKS, bert_config, convnext_config, resnet_config
+from test_hub_fixtures import DENSE_TASKS, TEXT_TASKS, bert_config, convnext_config, resnet_config, vit_config
 
 import mtl_plugins
 from mtl_plugins.hub import MultiTaskConfig, MultiTaskModel, build_model_card
@@ -112,3 +113,90 @@ def test_push_to_hub_sends_weights_config_and_card_in_one_commit(monkeypatch):
     with pytest.raises(TypeError, match="methd"):
         model.push_to_hub("org/x", methd="ew")
     assert calls == {}  # a bad card field stops before anything is created or uploaded
+
+
+def intercept_uploads(monkeypatch) -> dict:
+    """Replace the Hub calls of push_to_hub; the returned dict receives the uploaded files."""
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo",
+                        lambda self, repo_id, **kwargs: RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["files"] = {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return calls
+
+
+def test_push_to_hub_takes_the_training_strategy_for_the_card(monkeypatch):
+    calls = intercept_uploads(monkeypatch)
+    torch.manual_seed(0)
+    model = MultiTaskModel(text_config())
+    strategy = mtl_plugins.build_strategy("sel_update", model.tasks, warmup_steps=5)
+    strategy.groups = [["score"], ["sentiment"]]
+    assert model.push_to_hub("org/drug-mtl", metrics=METRICS, strategy=strategy) == "commit-info"
+    card = ModelCard(calls["files"]["README.md"].decode())
+    assert card.data.mtl_method == "sel_update" and card.data.mtl_method_settings["warmup_steps"] == 5
+    assert card.data.mtl_task_groups == [["score"], ["sentiment"]] and card.data.mtl_metrics == METRICS
+    assert "sel_update" in card.data.tags and "- score\n- sentiment" in card.text
+    # fields given explicitly win over the strategy's
+    model.push_to_hub("org/drug-mtl", strategy=strategy, method="my_method")
+    assert ModelCard(calls["files"]["README.md"].decode()).data.mtl_method == "my_method"
+
+
+@pytest.mark.parametrize("mode", ["batchnorm", "scale_shift"])
+def test_card_states_the_task_connection_mode(mode):
+    torch.manual_seed(0)
+    if mode == "batchnorm":
+        model = MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=DENSE_TASKS[:2]))
+    else:
+        model = MultiTaskModel(text_config())
+    card = build_model_card(model.add_task_connections().config)  # mode "auto" resolves to the one applied
+    assert card.data.mtl_task_connections == {"mode": mode}
+    section = card.text.split("## Task-specific connections\n\n")[1].split("\n\n")[0]
+    assert section.startswith(f"Mode `{mode}`:")
+    if mode == "batchnorm":
+        assert "one BatchNorm per task" in section and "Jeong & Yoon (CVPR 2024)" in section
+        assert "extension" not in section
+    else:
+        assert "this project's extension of the CVPR 2024 method" in section
+        assert "defines task-specific BatchNorm connections for CNNs" in section
+    assert "## Task-specific connections" not in build_model_card(text_config()).text
+
+
+def test_card_metadata_is_plain_yaml_without_a_pipeline_tag():
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=DENSE_TASKS[:2])).add_task_connections()
+    strategy = mtl_plugins.build_strategy("conn_strength", model.tasks, model=model, schedule="phase2")
+    card = build_model_card(model.config, datasets=["nyud-v2"], metrics={"seg/miou": 0.4},
+                            **card_fields_from_strategy(strategy))
+    header = str(card).split("---\n")[1]
+    data = yaml.safe_load(header)  # no Python-specific tags
+    assert data["library_name"] == "transformers" and data["datasets"] == ["nyud-v2"]
+    assert data["tags"] == ["mtl-plugins", "multi-task-learning", "conn_strength"]
+    assert "pipeline_tag" not in data
+    assert data["mtl_priority_stats"] == strategy.priority()
+
+
+def usage_code(card: ModelCard) -> str:
+    return card.text.split("## Usage\n\n```python\n")[1].split("```")[0]
+
+
+@pytest.mark.parametrize("make_config", [resnet_config, vit_config, bert_config])
+def test_card_usage_snippet_runs_as_written(tmp_path, make_config):
+    tasks = TEXT_TASKS[:2] if make_config is bert_config else DENSE_TASKS[:2]
+    torch.manual_seed(0)
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=make_config(), tasks=tasks))
+    model.save_pretrained(tmp_path)
+    code = usage_code(build_model_card(model.config))
+    assert "inputs = " in code and 'from_pretrained("path/to/checkpoint")' in code
+    namespace = {}
+    exec(code.replace("path/to/checkpoint", str(tmp_path)), namespace)
+    assert set(namespace["outputs"]) == set(model.tasks)
+
+
+def test_card_usage_snippet_tokenizes_text_with_the_base_model():
+    code = usage_code(build_model_card(text_config(backbone_pretrained="packaged:all-MiniLM-L6-v2"), repo_id="org/x"))
+    assert 'AutoModel.from_pretrained("org/x")' in code
+    assert 'tokenizer = AutoTokenizer.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")' in code
+    assert 'inputs = tokenizer(["An example sentence."], return_tensors="pt")' in code

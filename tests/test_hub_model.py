@@ -310,3 +310,81 @@ def test_dense_regression_config_errors_and_recipe_losses():
     assert losses["principal_curvature"] == "mse" and losses["reshading"] == "l1"
     with pytest.raises(ValueError, match="the dense_regression head trains with"):
         head_task("a", TaskSpec("dense_regression", 1, "huber", "l1", False), None, 1.0)
+
+
+# -- regression heads: ignore value and label shapes ---------------------------------------------
+
+
+def regression_model(**score_options):
+    tasks = [{"name": "score", "kind": "regression", **score_options},
+             {"name": "pair", "kind": "regression", "num_outputs": 2}]
+    torch.manual_seed(0)
+    return MultiTaskModel(MultiTaskConfig(backbone_config=bert_config(), tasks=tasks)).eval()
+
+
+def test_regression_labels_equal_to_ignore_index_add_no_loss():
+    model = regression_model()
+    assert [t["ignore_index"] for t in model.config.tasks] == [-100, -100]
+    ids = text_batch()["input_ids"]
+    score, pair = torch.tensor([0.5, -100.0, 2.0]), torch.tensor([[1.0, -100.0], [0.0, 1.0], [-100.0, -100.0]])
+    out = model(input_ids=ids, score=score, pair=pair)
+    s, p = out.logits["score"][:, 0].tolist(), out.logits["pair"].tolist()
+    expected_score = ((s[0] - 0.5) ** 2 + (s[2] - 2.0) ** 2) / 2
+    expected_pair = ((p[0][0] - 1.0) ** 2 + (p[1][0] - 0.0) ** 2 + (p[1][1] - 1.0) ** 2) / 3
+    assert out.losses["score"].item() == pytest.approx(expected_score, rel=1e-5)
+    assert out.losses["pair"].item() == pytest.approx(expected_pair, rel=1e-5)
+    # ignore_index=None: -100 is an ordinary label
+    plain = regression_model(ignore_index=None)
+    assert plain.config.tasks[0]["ignore_index"] is None
+    loss = plain(input_ids=ids, score=score, pair=pair).losses["score"].item()
+    assert loss == pytest.approx(sum((a - b) ** 2 for a, b in zip(s, score.tolist())) / 3, rel=1e-5)
+
+
+def test_regression_label_shape_errors_name_the_task_and_both_shapes():
+    model = regression_model()
+    ids = text_batch()["input_ids"]
+    with pytest.raises(ValueError, match=r"task 'pair': .*labels of shape \(6,\) do not match predictions of shape \(3, 2\)"):
+        model(input_ids=ids, score=torch.zeros(3), pair=torch.zeros(6))
+    with pytest.raises(ValueError, match=r"task 'score': .*labels of shape \(1, 3\) do not match predictions of shape \(3, 1\)"):
+        model(input_ids=ids, score=torch.zeros(1, 3), pair=torch.zeros(3, 2))
+    assert model(input_ids=ids, score=torch.zeros(3, 1), pair=torch.zeros(3, 2)).loss is not None
+
+
+# -- task names that are forward arguments -------------------------------------------------------
+
+
+def test_forward_argument_names_are_refused_as_task_names():
+    import inspect
+
+    from mtl_plugins.hub.configuration import RESERVED_TASK_NAMES
+
+    params = inspect.signature(MultiTaskModel.forward).parameters.values()
+    arguments = {p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    assert set(RESERVED_TASK_NAMES) == arguments
+    for name in sorted(arguments):
+        with pytest.raises(ValueError, match=f"task name '{name}' is taken by an argument of MultiTaskModel.forward"):
+            MultiTaskConfig(backbone_config=bert_config(), tasks=[{"name": name, "kind": "regression"}])
+
+
+# -- reduced precision ---------------------------------------------------------------------------
+
+
+def test_bfloat16_model_adds_connections_and_predicts_from_float32_inputs():
+    from mtl_plugins.architectures.task_connections import has_task_connections
+
+    torch.manual_seed(0)
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=DENSE_TASKS[:2]))
+    model = model.to(torch.bfloat16).add_task_connections()
+    assert model.config.task_connections == {"mode": "batchnorm"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert has_task_connections(model.backbone)
+    x = torch.randn(2, 3, 32, 32)
+    from_float = model.predict(x)
+    from_bf16 = model.predict(x.to(torch.bfloat16))
+    assert from_float["seg"].shape == (2, 32, 32) and from_float["parts"].dtype == torch.long
+    for task in model.tasks:
+        assert torch.equal(from_float[task], from_bf16[task])
+    text = MultiTaskModel(MultiTaskConfig(backbone_config=bert_config(), tasks=TEXT_TASKS[:2])).to(torch.bfloat16)
+    batch = text_batch()
+    out = text.predict({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    assert out["score"].dtype == torch.bfloat16 and out["sentiment"].dtype == torch.long

@@ -140,6 +140,25 @@ def test_mismatched_tasks_or_kinds_are_clear_errors(tmp_path):
     assert MultiTaskModel.from_pretrained(tmp_path, tasks=["parts", "seg"]).tasks == ["seg", "parts"]
 
 
+def test_requested_task_fields_are_each_compared_with_the_saved_task(tmp_path):
+    make_model().save_pretrained(tmp_path)  # seg: semantic_segmentation, 5 outputs; parts: human_parts, 3
+    mismatches = [
+        ({"name": "seg", "num_outputs": 7}, "task 'seg' has 5 outputs in the checkpoint, requested 7"),
+        ({"name": "seg", "kind": "depth"}, "task 'seg' is 'semantic_segmentation' in the checkpoint, requested 'depth'"),
+        ({"name": "seg", "loss_weight": 2}, "task 'seg' has loss_weight=1.0 in the checkpoint, requested 2.0"),
+        ({"name": "seg", "ignore_index": 0}, "task 'seg' has ignore_index=255 in the checkpoint, requested 0"),
+        ({"name": "seg", "weight": 2}, r"task 'seg': unknown keys \['weight'\]"),
+    ]
+    for task, message in mismatches:
+        with pytest.raises(ValueError, match=message):
+            MultiTaskModel.from_pretrained(tmp_path, tasks=[task, "parts"])
+    # fields that are not given are taken from the checkpoint: a kind without num_outputs loads
+    same = [{"name": "seg", "kind": "semantic_segmentation"}, {"name": "parts", "num_outputs": 3, "loss_weight": 1}]
+    assert MultiTaskModel.from_pretrained(tmp_path, tasks=same).config.task("seg")["num_outputs"] == 5
+    with pytest.raises(TypeError, match="each requested task must be a name or a dict"):
+        MultiTaskModel.from_pretrained(tmp_path, tasks=[3, "parts"])
+
+
 def test_checkpoint_missing_weights_is_an_error(tmp_path):
     make_model().save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")

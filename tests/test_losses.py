@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from mtl_plugins.losses import LOSSES, balanced_bce, depth_l1, edge_bce, get_loss, masked_cross_entropy, normals_l1
+from mtl_plugins.losses import (
+    LOSSES,
+    balanced_bce,
+    depth_l1,
+    edge_bce,
+    get_loss,
+    l1,
+    masked_cross_entropy,
+    mse,
+    normals_l1,
+)
 
 
 def log_sigmoid(x: float) -> float:
@@ -110,3 +120,36 @@ def test_dense_regression_losses_count_every_signed_element():
     with pytest.raises(ValueError, match="dense regression L1: labels of shape"):
         dense_l1(prediction, target[:, :1])
     assert get_loss("dense_mse") is dense_mse
+
+
+def test_regression_losses_leave_out_the_ignore_value():
+    prediction = torch.tensor([[1.0], [2.0], [3.0]])
+    target = torch.tensor([0.0, -100.0, 5.0])  # B labels for B x 1 predictions
+    assert mse(prediction, target, ignore_index=-100).item() == pytest.approx((1.0**2 + 2.0**2) / 2)
+    assert l1(prediction, target, ignore_index=-100).item() == pytest.approx((1.0 + 2.0) / 2)
+    # without an ignore value -100 is a label like any other
+    assert mse(prediction, target).item() == pytest.approx((1.0 + 102.0**2 + 4.0) / 3)
+    # B x C labels: each element is left out on its own
+    two = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    labels = torch.tensor([[0.0, -100.0], [-100.0, 6.0]])
+    assert mse(two, labels, ignore_index=-100).item() == pytest.approx((1.0 + 4.0) / 2)
+    assert l1(two, labels, ignore_index=-100).item() == pytest.approx((1.0 + 2.0) / 2)
+
+
+def test_regression_losses_with_every_label_ignored_are_zero_with_a_gradient_path():
+    prediction = torch.tensor([[0.5], [1.5]], requires_grad=True)
+    loss = mse(prediction, torch.full((2,), -100.0), ignore_index=-100)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(prediction.grad, torch.zeros(2, 1))
+
+
+def test_regression_losses_reject_label_shapes_that_do_not_match():
+    prediction = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"MSE loss: labels of shape \(4,\) do not match predictions of shape \(2, 2\)"):
+        mse(prediction, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"L1 loss: labels of shape \(1, 4\) do not match predictions of shape \(2, 2\)"):
+        l1(prediction, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"labels of shape \(3,\) do not match predictions of shape \(2, 1\)"):
+        mse(torch.zeros(2, 1), torch.zeros(3))  # would broadcast to 2 x 3 without the check
+    # B labels for B predictions with a trailing size-1 dim, and the other way round
+    assert mse(torch.tensor([1.0, 2.0]), torch.tensor([[0.0], [0.0]])).item() == pytest.approx(2.5)

@@ -109,3 +109,61 @@ def test_delta_m_falls_back_to_main_metrics_without_a_complete_selection():
     # Cityscapes' selection needs metrics beyond the main ones; datasets without one keep the main metrics
     assert runner.higher_is_better(data, "cityscapes", set(main)) == main
     assert runner.higher_is_better(data, "multidigits", set(main)) == main
+
+
+def test_split_metrics_keeps_every_task_metric_and_each_main_one():
+    specs = {"semseg": TaskSpec("semantic_segmentation", 7, "masked_cross_entropy", "miou", True),
+             "depth": TaskSpec("depth", 1, "depth_l1", "abs_err", False)}
+    data = Bundle(specs)
+    data.tasks = ["semseg", "depth"]
+    results = {"test_loss": 1.5, "test_depth/rmse": 3.0, "test_depth/abs_err": 2.0, "test_semseg/pixel_acc": 80.0,
+               "test_semseg/miou": 40.0, "test_delta_m": 1.0, "test_other/x": 5.0, "test_runtime": 0.1}
+    split = runner.split_metrics(results, data)
+    assert split["main"] == {"semseg/miou": 40.0, "depth/abs_err": 2.0}
+    assert list(split["main"]) == ["semseg/miou", "depth/abs_err"]
+    assert split["all"] == {"depth/rmse": 3.0, "depth/abs_err": 2.0, "semseg/pixel_acc": 80.0, "semseg/miou": 40.0}
+
+
+@pytest.mark.slow
+def test_cityscapes_results_keep_every_metric_and_delta_m_uses_the_papers_selection(tmp_path, monkeypatch):
+    from dense_fixtures import TINY_CITYSCAPES, write_cityscapes
+
+    from mtl_plugins.config import apply_overrides, load_recipe
+    from mtl_plugins.metrics.paper import delta_m_selection
+
+    monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
+    write_cityscapes(tmp_path / "data")
+    recipe = apply_overrides(load_recipe("cityscapes-connstr-ew"), [f"data.root={tmp_path / 'data'}", *TINY_CITYSCAPES])
+    out = tmp_path / "out"
+    summary = runner.run_recipe(recipe, output_dir=out, baselines="train", progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert results == summary
+    assert set(results["test_metrics"]) == {"semseg/miou", "depth/abs_err"}  # each task's main metric
+    every = results["all_test_metrics"]
+    assert set(every) == {"semseg/miou", "semseg/pixel_acc", "depth/rmse", "depth/abs_err", "depth/abs_rel"}
+    assert all(every[name] == value for name, value in results["test_metrics"].items())
+    assert set(results["single_task_metrics"]) == set(every)
+    selection = delta_m_selection("cityscapes")
+    assert results["delta_m_metrics"] == list(selection)
+    single = results["single_task_metrics"]
+    expected = 100 * sum((1 if higher else -1) * (every[name] - single[name]) / single[name]
+                         for name, higher in selection.items()) / 4
+    assert results["delta_m"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_adam_schedules_decay_to_the_recipes_lr_end(tmp_path):
+    # The polynomial schedule reads the optimizer's default lr: with Adam's own default (1e-3) the
+    # floor lr_end would be wrong for every other learning rate.
+    from transformers import get_scheduler
+
+    opts = {"learning_rate": 2e-5, "lr_scheduler_type": "polynomial",
+            "lr_scheduler_kwargs": {"power": 1.0, "lr_end": 1e-6}}
+    args, (optimizer_cls, kwargs) = runner.trainer_arguments(opts, tmp_path, progress=False)
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = optimizer_cls([{"params": [weight], "lr": args.learning_rate}], **kwargs)
+    scheduler = get_scheduler("polynomial", optimizer, num_warmup_steps=0, num_training_steps=10,
+                              scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)

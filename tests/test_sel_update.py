@@ -70,7 +70,7 @@ def cycle_groups(*partitions):
     """A ``choose_groups`` replacement handing out the given partitions in turn (records its calls)."""
     calls: list[list[list[str]]] = []
 
-    def choose(affinity, tasks, previous, *, preference=None, random_state=0):
+    def choose(affinity, tasks, previous, *, preference=None, random_state=0, column_scaling="spec"):
         calls.append([list(g) for g in previous])
         return Grouping([list(g) for g in partitions[(len(calls) - 1) % len(partitions)]])
 
@@ -180,9 +180,10 @@ def test_replay_tiny_model(monkeypatch, attribution, measure_last):
     calls = []
     real = sel_module.choose_groups
 
-    def spy(affinity, tasks, previous, *, preference=None, random_state=0):
+    def spy(affinity, tasks, previous, *, preference=None, random_state=0, column_scaling="spec"):
         calls.append((affinity.clone(), random_state))
-        return real(affinity, tasks, previous, preference=preference, random_state=random_state)
+        return real(affinity, tasks, previous, preference=preference, random_state=random_state,
+                    column_scaling=column_scaling)
 
     monkeypatch.setattr(sel_module, "choose_groups", spy)
     model = tiny_model()
@@ -387,6 +388,22 @@ def test_idle_tasks_do_not_move_under_adam_with_weight_decay(optimizer_cls):
                 assert moved, name  # the shared encoder is updated by every group
 
 
+def test_idle_tasks_move_under_adamw_when_not_frozen():
+    # The released code's zero-filled gradients: idle heads get a zero gradient, so AdamW's momentum
+    # and weight decay move them; with SGD and no weight decay a zero gradient moves nothing.
+    for optimizer_cls, options, idle_moves in ((torch.optim.AdamW, {"weight_decay": 0.1}, True),
+                                               (torch.optim.SGD, {}, False)):
+        model = tiny_model()
+        strategy = SelectiveGroupUpdate(TASKS, warmup_steps=3, affinity_decay=0.2, freeze_idle_tasks=False)
+        updater = SnapshotUpdater(optimizer_cls(model.parameters(), lr=0.01, **options), model)
+        train(strategy, model, updater, make_batches(6))
+        orders = [g for r in strategy.history for g in r["order"]]
+        for group, (before, after) in zip(orders, updater.snapshots):
+            for name in before:
+                if name.startswith("heads.") and name.split(".")[1] not in group:
+                    assert (not torch.equal(before[name], after[name])) == idle_moves, (optimizer_cls, name)
+
+
 def test_zero_filled_gradients_are_refused():
     class ZeroFill(Updater):
         def zero_grad(self):
@@ -497,10 +514,28 @@ def test_zero_loss_columns_are_never_updated():
     ({"loss_weights": {"a": 0.0}}, ValueError, "positive loss weights"),
     ({"preference": float("nan")}, ValueError, "preference"),
     ({"decay": 0.1}, TypeError, "affinity_decay"),
+    ({"column_scaling": "paper"}, TypeError, "column_scaling"),
 ])
 def test_bad_options_are_named(options, error, match):
     with pytest.raises(error, match=match):
         mtl_plugins.build_strategy("sel_update", TASKS, **options)
+
+
+def test_float64_losses_keep_their_precision():
+    # Decreases of a few 1e-9 vanish in float32: the affinity would stay zero.
+    param = nn.Parameter(torch.ones((), dtype=torch.float64))
+    optimizer = torch.optim.SGD([param], lr=0.0)
+    calls = iter(range(100))
+
+    def closure(task=None):
+        loss = 1.0 - 3e-9 * next(calls)
+        return {t: param * 0 + loss for t in TASKS}
+
+    strategy = SelectiveGroupUpdate(TASKS, warmup_steps=5, affinity_decay=0.5)
+    strategy.step(closure, optimizer)
+    assert strategy.history[-1]["losses"][1][0] == 1.0 - 3e-9
+    # every group step but the batch's last one is measured (paper attribution)
+    assert int((strategy.affinity.diagonal() > 0).sum()) == len(TASKS) - 1
 
 
 def test_missing_task_loss_is_named():

@@ -244,3 +244,131 @@ def test_scale_shift_extension_for_transformer_backbones():
     layer = next(layer for layer in layers if layer.weight is dense.weight)
     raw = torch.linspace(0.5, 2.0, 12) ** 2 * (dense.weight.detach() ** 2).sum(1)
     assert torch.allclose(layer_strength(layer, ["c"])[0], raw / raw.sum(), rtol=1e-5)
+
+
+# -- sources the connections cannot handle ---------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
+def test_parametrized_source_weights_are_refused_naming_the_layer():
+    from torch.nn.utils import parametrizations, weight_norm
+
+    for wrap in (parametrizations.weight_norm, weight_norm, parametrizations.spectral_norm):
+        torch.manual_seed(0)
+        encoder = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                wrap(nn.Conv2d(4, 4, 3, bias=False)), nn.BatchNorm2d(4))
+        with pytest.raises(ValueError, match=r"layer '3' \(.*Conv2d\) of Sequential has a computed weight"):
+            add_task_connections(encoder, TASKS, example_input=torch.randn(2, 2, 7, 7))
+        assert not has_task_connections(encoder)  # nothing was converted
+    linear = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), parametrizations.weight_norm(nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="layer '2' .* has a computed weight"):
+        add_task_connections(linear, TASKS, mode="scale_shift")
+    assert not has_task_connections(linear)
+
+
+def test_a_source_parametrized_after_conversion_is_refused_by_connected_layers():
+    from torch.nn.utils.parametrize import register_parametrization
+
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    model = add_task_connections(Residual(), TASKS)
+    assert len(connected_layers(model)) == 2
+    register_parametrization(model.conv1, "weight", Double())
+    with pytest.raises(ValueError, match="layer 'conv1' .* has a computed weight"):
+        connected_layers(model)
+
+
+def test_scale_shift_skips_the_out_proj_of_multihead_attention():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    add_task_connections(layer, ["a", "b"], mode="scale_shift")
+    assert [c.name for c in connected_layers(layer)] == ["linear1", "linear2"]
+    assert not hasattr(layer.self_attn.out_proj, "task_connection")
+    assert not any("out_proj.task_connection" in name for name, _ in layer.named_parameters())
+    x = torch.randn(2, 3, 8)
+    with active_task(layer, "a"):
+        reference = layer(x)
+    for connection in connected_layers(layer):  # every connection that is kept changes task b's output
+        with torch.no_grad():
+            connection.connection.scale["b"].fill_(3.0)
+        with active_task(layer, "b"):
+            assert not torch.allclose(layer(x), reference, atol=1e-4), connection.name
+        with torch.no_grad():
+            connection.connection.scale["b"].fill_(1.0)
+    with pytest.raises(ValueError, match="out_proj does not count"):
+        add_task_connections(nn.MultiheadAttention(8, 2), TASKS, mode="scale_shift")
+
+
+# -- Hub models convert themselves --------------------------------------------------------------------
+
+
+def hub_model(kind: str):
+    from test_hub_fixtures import bert_config, resnet_config
+
+    from mtl_plugins.hub import MultiTaskConfig, MultiTaskModel
+
+    torch.manual_seed(0)
+    if kind == "text":
+        tasks = [{"name": "a", "kind": "sequence_classification", "num_outputs": 3}, {"name": "b", "kind": "regression"}]
+        return MultiTaskModel(MultiTaskConfig(backbone_config=bert_config(), tasks=tasks))
+    tasks = [{"name": "seg", "kind": "semantic_segmentation", "num_outputs": 5}, {"name": "depth", "kind": "depth"}]
+    return MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=tasks))
+
+
+@pytest.mark.parametrize("kind", ["text", "vision"])
+def test_plugin_lets_a_hub_model_convert_its_backbone_so_it_saves_and_reloads(kind, tmp_path):
+    from transformers import AutoModel
+
+    import mtl_plugins.hub  # noqa: F401  (registers the model with AutoModel)
+
+    model = hub_model(kind)
+    assert mtl_plugins.build_architecture("task_connections", model.tasks, model=model) is model
+    assert model.config.task_connections is not None  # recorded, so the folder reloads converted
+    layers = connected_layers(model)
+    assert layers and all(layer.name.startswith("backbone.") for layer in layers)
+    assert not has_task_connections(model.heads)
+    for connection in task_connections(model):  # trained-looking, task-dependent connections
+        for parameter in connection.parameters():
+            with torch.no_grad():
+                parameter.add_(torch.rand_like(parameter))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    model.eval()
+    assert reloaded.config.task_connections == model.config.task_connections
+    assert [layer.name for layer in connected_layers(reloaded)] == [layer.name for layer in layers]
+    if kind == "text":
+        inputs = {"input_ids": torch.randint(1, 50, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    else:
+        inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        expected, got = model(**inputs).logits, reloaded(**inputs).logits
+    for task in model.tasks:  # same weights; kernels may differ in the last bits with the memory layout
+        torch.testing.assert_close(got[task], expected[task], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(expected[model.tasks[0]], hub_model(kind).eval()(**inputs).logits[model.tasks[0]])
+
+
+def test_plugin_passes_options_to_the_model_and_checks_its_tasks():
+    model = hub_model("text")
+    with pytest.raises(ValueError, match=r"model's tasks are \['a', 'b'\]"):
+        mtl_plugins.build_architecture("task_connections", ["a", "c"], model=model)
+    mtl_plugins.build_architecture("task_connections", ["b", "a"], model=model, mode="scale_shift")
+    assert model.config.task_connections == {"mode": "scale_shift"}
+
+    class SelfConverting(nn.Module):
+        tasks = ["a", "b"]
+
+        def __init__(self):
+            super().__init__()
+            self.received = None
+
+        def add_task_connections(self, mode="auto"):
+            self.received = {"mode": mode}
+
+    plain = SelfConverting()
+    mtl_plugins.build_architecture("task_connections", ["a", "b"], model=plain, mode="batchnorm")
+    assert plain.received == {"mode": "batchnorm"}
+    with pytest.raises(TypeError, match=r"does not accept the options \['example_input'\]"):
+        mtl_plugins.build_architecture("task_connections", ["a", "b"], model=SelfConverting(),
+                                       example_input=torch.zeros(1))

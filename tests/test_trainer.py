@@ -3,15 +3,17 @@ evaluation, mixed precision and refusals (single process, CPU)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 import mtl_plugins
-from ddp_worker import SPECS, TASKS, TwoStep, ddp_args, make_strategy, setup, vector_data, vector_model
+from ddp_worker import SPECS, TASKS, TwoStep, ddp_args, make_strategy, same, setup, vector_data, vector_model
 from mtl_plugins.strategies.base import NonFiniteLossError, Strategy, as_updater
 from mtl_plugins.trainers import (
     AcceleratedUpdater,
@@ -101,6 +103,19 @@ def test_progress_is_epoch_over_epochs_or_step_over_steps(tmp_path):
     assert by_step.progress_seen == [k / 8 for k in range(8)]
 
 
+@pytest.mark.parametrize("unit", ["epoch", "step"])
+def test_progress_without_a_dataset_length_counts_steps(tmp_path, caplog, unit):
+    strategy = TwoStep(TASKS)
+    args = make_args(tmp_path, steps=8, progress_unit=unit)
+    trainer = MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(32).to_iterable_dataset(),
+                               strategy=strategy, tasks=TASKS)
+    with caplog.at_level(logging.WARNING, logger="mtl_plugins.trainers.trainer"):
+        trainer.train()
+    assert strategy.progress_seen == [k / 8 for k in range(8)]  # two passes over the data: epochs unknown
+    warnings = [r for r in caplog.records if "train dataloader has no length" in r.getMessage()]
+    assert len(warnings) == (1 if unit == "epoch" else 0)
+
+
 @pytest.mark.skipif("conn_strength" not in mtl_plugins.available_strategies(), reason="conn_strength not registered")
 def test_strategies_taking_the_epoch_get_it(tmp_path):
     model, data, tasks = setup("conn_strength")
@@ -125,18 +140,26 @@ def test_logs_average_per_task_losses_over_the_window(tmp_path):
     assert [entry["learning_rate"] for entry in logs] == pytest.approx([0.1 * (1 - 1 / 4), 0.1 * (1 - 3 / 4)])
 
 
+def accumulation(route: str) -> dict:
+    """Training options that accumulate 2 batches per step (fresh: the Trainer edits the accelerator config)."""
+    return {"none": {}, "arguments": {"gradient_accumulation_steps": 2},
+            "accelerator_config": {"accelerator_config": {"gradient_accumulation_kwargs": {"num_steps": 2}}}}[route]
+
+
 def test_gradient_accumulation_equals_a_larger_batch_for_ew(tmp_path):
     data = vector_data(48)
     results = []
-    for batch_size, accumulation in ((8, 1), (4, 2)):
+    for route in ("none", "arguments", "accelerator_config"):
         model = vector_model()
-        args = make_args(tmp_path / str(accumulation), batch_size=batch_size, steps=3,
-                         gradient_accumulation_steps=accumulation, train_sampling_strategy="sequential")
+        args = make_args(tmp_path / route, batch_size=8 if route == "none" else 4, steps=3,
+                         train_sampling_strategy="sequential", **accumulation(route))
         trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy="ew")
         trainer.train()
+        assert trainer.updater.accumulation_steps == (1 if route == "none" else 2)
         results.append((snapshot(model), trainer.state.log_history[-2]["loss"]))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+    for other in results[1:]:
+        torch.testing.assert_close(results[0][0], other[0])
+        assert results[0][1] == pytest.approx(other[1], rel=1e-5)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -262,6 +285,49 @@ def test_fp16_overflow_skips_only_that_step(tmp_path, measure_last, at):
     assert trainer.lr_scheduler.last_epoch == (3 if last_step_overflowed else 4)
 
 
+class StepRecorder(TrainerCallback):
+    """After every batch: the model, the strategy's learnable weights and the scheduler's count."""
+
+    def __init__(self, trainer):
+        self.trainer, self.records = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        strategy = self.trainer.strategy
+        owned = strategy.log_var if strategy.name == "uw" else getattr(strategy, "logits", None)
+        learned = None if owned is None else owned.tensor.detach().clone()
+        self.records.append((snapshot(self.trainer.model), learned, self.trainer.lr_scheduler.last_epoch))
+
+
+def train_overflowing_first_batch(tmp_path, name):
+    """Three batches under fp16; the first overflows (huge loss scale), the scaler then backs off to 2**7."""
+    args = make_args(tmp_path / name, steps=3, fp16=True, logging_steps=1, train_sampling_strategy="sequential")
+    trainer = MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(32), strategy=name)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120,
+                                                      growth_interval=1000)
+    recorder = StepRecorder(trainer)
+    trainer.add_callback(recorder)
+    start = snapshot(trainer.model)
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() == 2.0**7  # exactly one overflow
+    return trainer, start, recorder.records
+
+
+@pytest.mark.parametrize("name", ["uw", "famo"])
+def test_fp16_overflow_leaves_learned_loss_weights_alone(tmp_path, name):
+    trainer, start, records = train_overflowing_first_batch(tmp_path, name)
+    assert trainer.updater.deferred is False  # the final step was taken inside the batch
+    zeros = torch.zeros(len(TASKS), dtype=records[0][1].dtype)
+    (model_0, learned_0, _), (model_1, learned_1, _), (model_2, learned_2, _) = records
+    assert same(model_0, start) and torch.equal(learned_0, zeros)  # overflowed: nothing moved
+    assert not same(model_1, model_0) and not torch.equal(learned_1, learned_0)  # normal batches: both move
+    assert not same(model_2, model_1) and not torch.equal(learned_2, learned_1)
+    # the scheduler steps once per batch whose step was applied, exactly as with a deferred final step
+    _, _, deferred = train_overflowing_first_batch(tmp_path, "ew")
+    assert [r[2] for r in records] == [r[2] for r in deferred] == [0, 1, 2]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [math.isfinite(entry["grad_norm"]) for entry in logs] == [False, True, True]
+
+
 def test_updater_unscales_before_clipping_and_skips_overflow(tmp_path):
     model = vector_model()
     trainer = MultiTaskTrainer(model=model, args=make_args(tmp_path, fp16=True), train_dataset=vector_data(), strategy="ew")
@@ -311,14 +377,23 @@ class NoTaskArgument(nn.Module):
         return self.inner(features=features, a=a, b=b)
 
 
-@pytest.mark.parametrize("strategy", ["two_step", "per_task", "sel_update", "conn_strength", "dwa"])
-def test_gradient_accumulation_with_a_batch_level_strategy_is_refused(tmp_path, strategy):
+@pytest.mark.parametrize("route", ["arguments", "accelerator_config"])
+@pytest.mark.parametrize("strategy", ["two_step", "per_task", "pcgrad", "sel_update", "conn_strength", "dwa"])
+def test_gradient_accumulation_with_a_batch_level_strategy_is_refused(tmp_path, strategy, route):
     if strategy not in ("two_step", "per_task") and strategy not in mtl_plugins.available_strategies():
         pytest.skip(f"{strategy} not registered")
     model, data, tasks = setup(strategy)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 cannot be used with strategy"):
-        MultiTaskTrainer(model=model, args=make_args(tmp_path, gradient_accumulation_steps=2), train_dataset=data,
-                         strategy=make_strategy(strategy, model, tasks), tasks=tasks)
+    args = make_args(tmp_path, **accumulation(route))
+    with pytest.raises(ValueError, match=f"gradient_accumulation_steps=2 cannot be used with strategy '{strategy}'"):
+        MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=make_strategy(strategy, model, tasks),
+                         tasks=tasks)
+
+
+def test_single_process_data_parallel_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(MultiTaskTrainingArguments, "n_gpu", property(lambda self: 2))
+    args = make_args(tmp_path)
+    with pytest.raises(ValueError, match="single-process multi-GPU training \\(torch.nn.DataParallel over n_gpu=2"):
+        MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(), strategy="ew")
 
 
 def test_bad_options_are_refused_with_clear_errors(tmp_path, monkeypatch):

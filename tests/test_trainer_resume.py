@@ -6,15 +6,18 @@ import pytest
 import torch
 
 import mtl_plugins
-from ddp_worker import ddp_args, make_strategy, same, setup, vector_model
+from ddp_worker import ARCHITECTURE_FOR, ddp_args, make_strategy, same, setup, vector_model
 from mtl_plugins.trainers import STRATEGY_STATE_NAME, MultiTaskTrainer
 
-RESUMED = ["ew", "two_step", *[n for n in ("sel_update", "conn_strength") if n in mtl_plugins.available_strategies()]]
+#: Resumed in the quick run: the test strategy, the baseline and the strategies with the most state.
+QUICK = ["ew", "two_step", "famo", "uw", "dwa", "rlw", "gradnorm", "sel_update", "conn_strength"]
+EVERY = ["two_step", *mtl_plugins.available_strategies()]
+RESUMED = [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in EVERY]
 
 
 def build(name: str, output_dir, steps: int = 6):
     model, data, tasks = setup(name)
-    if name in ("ew", "two_step"):
+    if name not in ARCHITECTURE_FOR:
         model = vector_model(dropout=0.3)  # dropout: the resumed run must restore the torch RNG too
     args = ddp_args(str(output_dir), 8, steps, optim="adamw_torch", learning_rate=0.01, lr_scheduler_type="linear",
                     save_strategy="steps", save_steps=steps // 2, progress_unit="step")
@@ -36,6 +39,7 @@ def test_resumed_run_continues_exactly(tmp_path, name):
     assert resumed.state.global_step == 6
     assert same(resumed.model.state_dict(), straight.model.state_dict())
     assert same(resumed.strategy.state_dict(), straight.strategy.state_dict())
+    assert resumed.strategy.log_metrics() == straight.strategy.log_metrics()
 
 
 def test_resume_true_takes_the_last_checkpoint_and_checks_the_strategy(tmp_path):

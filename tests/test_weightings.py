@@ -211,7 +211,7 @@ def test_rlw_draws_follow_the_seed_and_the_saved_state():
 # -- FAMO ------------------------------------------------------------------------------------------------
 def test_famo_weights_and_logit_update():
     lr, decay = 0.025, 1e-3
-    model, first, second = tiny_model(), make_batch(seed=0), make_batch(seed=1)
+    model, first = tiny_model(), make_batch(seed=0)
     strategy = build("famo", lr=lr, weight_decay=decay)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     closure = make_closure(model, first)
@@ -221,9 +221,8 @@ def test_famo_weights_and_logit_update():
     torch.testing.assert_close(torch.tensor(strategy.last_weights, dtype=DTYPE),
                                (1 / (before + 1e-8)) / (1 / (before + 1e-8)).sum())  # z uniform at start
     with torch.no_grad():
-        after = torch.stack([v for v in closure().values()])  # the first batch after the model's update
-    assert torch.equal(strategy.logits.tensor.detach(), torch.zeros(K, dtype=DTYPE))  # updated at the next step
-    strategy.step(make_closure(model, second), optimizer)
+        after = torch.stack([v for v in closure().values()])  # the batch's losses after the model's update
+    # the logits moved within the same step: no update is left pending for the next batch
     z = torch.full((K,), 1 / K, dtype=DTYPE)
     delta = torch.log(before + 1e-8) - torch.log(after + 1e-8)
     grad = (torch.diag(z) - torch.outer(z, z)) @ delta  # softmax Jacobian^T delta (weight decay of w=0 is 0)
@@ -315,16 +314,39 @@ def test_state_round_trip_through_weights_only_checkpoint(name, tmp_path):
     twin_model = copy.deepcopy(model)
     twin = build(name, seed=99, **options_for(name, twin_model))
     twin.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    if name == "famo":
-        # the pending logit update needs the previous batch's closure, which no checkpoint holds:
-        # a resumed run skips that one update
-        strategy._pending = None
     for _ in range(2):
         for m, s in ((model, strategy), (twin_model, twin)):
             s.step(make_closure(m, make_batch(seed=7)), torch.optim.SGD(m.parameters(), lr=0.05))
     assert strategy.log_metrics() == twin.log_metrics()
     for p, q in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_strategies_reading_the_step_outcome_say_so():
+    flagged = {name for name in ALL if build(name, **options_for(name, tiny_model())).needs_step_outcome}
+    assert flagged == {"uw", "famo", "gradnorm"}
+
+
+def learned_state(strategy):
+    """A copy of the strategy's learnable weights (value and Adam state)."""
+    owned = strategy.log_var if strategy.name == "uw" else strategy.logits
+    return copy.deepcopy(owned.state())
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm"])
+def test_learned_weights_move_only_when_the_model_step_is_applied(name):
+    model = tiny_model()
+    strategy = build(name, **options_for(name, model))
+    batch = make_batch()
+    overflowing = ScaledUpdater(torch.optim.SGD(model.parameters(), lr=0.05), float("inf"))
+    before, weights = copy.deepcopy(model.state_dict()), learned_state(strategy)
+    strategy.step(make_closure(model, batch), overflowing)
+    assert overflowing.skipped == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    skipped = learned_state(strategy)
+    assert torch.equal(skipped["value"], weights["value"]) and skipped["optimizer"]["state"] == {}  # no Adam step
+    strategy.step(make_closure(model, batch), ScaledUpdater(torch.optim.SGD(model.parameters(), lr=0.05), 2.0**8))
+    assert not torch.equal(learned_state(strategy)["value"], weights["value"])
 
 
 def test_libmtl_aliases():

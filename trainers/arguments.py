@@ -16,7 +16,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
     ``lr_ts`` scales the learning rate of task-specific parameters (heads, task-specific
     connections): they train at ``learning_rate * lr_ts``, shared parameters at ``learning_rate``.
     ``progress_unit`` sets the training progress given to scheduled strategies: ``"epoch"`` is the
-    papers' ``e / E`` with the 0-based epoch ``e`` of ``E`` epochs; ``"step"`` is ``step / max_steps``.
+    papers' ``e / E`` with the 0-based epoch ``e`` of ``E`` epochs; ``"step"`` is ``step / max_steps``,
+    which is also used (with a warning) when the train dataset has no length, so epochs cannot be counted.
     """
 
     lr_ts: float = field(default=1.0, metadata={"help": "Learning-rate scale of task-specific parameters."})

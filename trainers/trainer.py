@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from mtl_plugins import build_strategy
 from mtl_plugins.param_groups import parameter_groups
@@ -24,6 +25,8 @@ from .arguments import MultiTaskTrainingArguments
 from .checkpoint import load_strategy_state, save_strategy_state
 from .distributed import all_reduce_mean_
 from .updater import AcceleratedUpdater
+
+logger = logging.getLogger(__name__)
 
 
 def _resolve_tasks(model: nn.Module | None, tasks: Sequence[str] | None, strategy: Any) -> list[str]:
@@ -66,8 +69,9 @@ class MultiTaskTrainer(Trainer):
     Every training batch is handed to ``strategy.step(closure, updater)``: ``closure(task=None)``
     runs a fresh forward pass on the batch and ``updater`` (an :class:`AcceleratedUpdater`) applies
     the strategy's backward passes and inner optimizer steps; the batch's final step is left to the
-    Trainer's loop, so scheduler and logs advance once per batch. ``trainer.strategy`` is the live
-    strategy. Labels are dataset columns named after the tasks (``label_names = tasks``).
+    Trainer's loop (taken at once for strategies with ``needs_step_outcome``), so scheduler and logs
+    advance once per batch. ``trainer.strategy`` is the live strategy. Labels are dataset columns
+    named after the tasks (``label_names = tasks``).
 
     Args:
         strategy: a registered strategy name (built with ``strategy_options``) or a ``Strategy``.
@@ -95,12 +99,15 @@ class MultiTaskTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("MultiTaskTrainer supports single-process and DDP training, not DeepSpeed or FSDP")
+        self._check_accumulation()
         self.model_accepts_loss_kwargs = False  # the model's forward gets the batch only
         self._signature_columns = self._input_columns(model)
         self.updater: AcceleratedUpdater | None = None
         self._progress_takes_epoch = "epoch" in inspect.signature(self.strategy.set_progress).parameters
         self._task_loss_sum = torch.zeros(len(self.tasks), dtype=torch.float64)
         self._task_loss_count = 0
+        #: False when the train dataloader has no length, so epoch-based progress is impossible.
+        self._epochs_known = True
 
     # -- set-up checks ------------------------------------------------------------------------
     def _check_compatible(self, model: nn.Module, args: TrainingArguments, train_dataset: Any,
@@ -112,13 +119,13 @@ class MultiTaskTrainer(Trainer):
                 f"launched on {launched} processes, but the training arguments are not distributed, so each "
                 "process would train its own model; on a machine without GPUs set use_cpu=True"
             )
-        if args.gradient_accumulation_steps > 1 and not isinstance(self.strategy, ACCUMULATING_STRATEGIES):
+        if args.n_gpu > 1 and args.parallel_mode != ParallelMode.DISTRIBUTED:
             raise ValueError(
-                f"gradient_accumulation_steps={args.gradient_accumulation_steps} cannot be used with strategy "
-                f"{name!r}: it works on each batch as a whole (several optimizer steps, per-task gradients or "
-                "loss weights updated per batch), which accumulation would split. Use "
-                "gradient_accumulation_steps=1 and a larger per_device_train_batch_size."
+                f"single-process multi-GPU training (torch.nn.DataParallel over n_gpu={args.n_gpu} GPUs) is not "
+                "supported: it gathers each task's scalar loss into a vector, one value per GPU. Launch one process "
+                "per GPU (torchrun or accelerate launch) or expose a single GPU (CUDA_VISIBLE_DEVICES)"
             )
+        self._check_accumulation(args)
         if args.label_names is not None and list(args.label_names) != self.tasks:
             raise ValueError(f"label_names={args.label_names} must be the task names {self.tasks} (or unset)")
         if self.strategy.needs_task_forward and "task" not in inspect.signature(model.forward).parameters:
@@ -141,6 +148,21 @@ class MultiTaskTrainer(Trainer):
                     f"{label} has no label column for tasks {missing}: label columns are named after the "
                     f"tasks; its columns are {dataset.column_names}"
                 )
+
+    def _check_accumulation(self, args: TrainingArguments | None = None) -> None:
+        """Refuse gradient accumulation for strategies that work on each batch as a whole.
+
+        Called before and after ``Trainer.__init__``: the accelerator config
+        (``gradient_accumulation_kwargs={"num_steps": n}``) sets the effective count only there.
+        """
+        steps = (args or self.args).gradient_accumulation_steps
+        if steps > 1 and not isinstance(self.strategy, ACCUMULATING_STRATEGIES):
+            raise ValueError(
+                f"gradient_accumulation_steps={steps} cannot be used with strategy {self.strategy.name!r}: it works "
+                "on each batch as a whole (several optimizer steps, per-task gradients or loss weights updated per "
+                "batch), which accumulation would split. Use gradient_accumulation_steps=1 (and no num_steps in "
+                "accelerator_config.gradient_accumulation_kwargs) and a larger per_device_train_batch_size."
+            )
 
     def _input_columns(self, model: nn.Module) -> list[str]:
         """Dataset columns kept by ``remove_unused_columns``: forward arguments, inputs and task labels."""
@@ -189,9 +211,24 @@ class MultiTaskTrainer(Trainer):
         finally:
             self.accelerator.gradient_state._set_sync_gradients(True)  # see training_step
 
+    def get_train_dataloader(self):
+        """``Trainer.get_train_dataloader``; notes whether epochs can be counted (the loader has a length)."""
+        dataloader = super().get_train_dataloader()
+        self._epochs_known = has_length(dataloader)
+        if not self._epochs_known and self._progress_unit() == "epoch":
+            logger.warning(
+                "the train dataloader has no length, so the number of epochs is unknown: training progress given "
+                "to the strategy is global_step / max_steps (set progress_unit='step' to silence this warning)"
+            )
+        return dataloader
+
+    def _progress_unit(self) -> str:
+        return getattr(self.args, "progress_unit", "epoch")
+
     def training_progress(self) -> float:
-        """Progress in [0, 1] given to the strategy: 0-based epoch / epochs, or step / max_steps."""
-        if getattr(self.args, "progress_unit", "epoch") == "step":
+        """Progress in [0, 1] given to the strategy: 0-based epoch / epochs, or step / max_steps (also
+        when the train dataloader has no length, since the epochs cannot be counted then)."""
+        if self._progress_unit() == "step" or not self._epochs_known:
             return min(1.0, self.state.global_step / max(self.state.max_steps, 1))
         epochs = max(self.state.num_train_epochs, 1)
         return min(1.0, math.floor(self.state.epoch or 0.0) / epochs)
@@ -199,7 +236,8 @@ class MultiTaskTrainer(Trainer):
     def _get_updater(self) -> AcceleratedUpdater:
         if self.updater is None or self.updater.optimizer is not self.optimizer:
             self.updater = AcceleratedUpdater(self.accelerator, self.optimizer, self.args.max_grad_norm,
-                                              self.args.gradient_accumulation_steps)
+                                              self.args.gradient_accumulation_steps,
+                                              defer_final=not self.strategy.needs_step_outcome)
         return self.updater
 
     def _closure(self, model: nn.Module, inputs: dict[str, Any]):

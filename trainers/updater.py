@@ -3,7 +3,9 @@
 Inner steps (``step(final=False)``) happen at once: accelerate's backward (fp16 loss scaling),
 gradient clipping at ``max_grad_norm``, the optimizer step (skipped by the grad scaler on an fp16
 overflow). The batch's final step (``step(final=True)``) is deferred to the Trainer's own loop,
-so the lr scheduler, ``grad_norm`` logging and optimizer callbacks advance once per batch.
+so the lr scheduler, ``grad_norm`` logging and optimizer callbacks advance once per batch. A
+strategy with ``needs_step_outcome`` reads whether that step was applied: its final step is then
+taken at once, like an inner step, and the Trainer's own step becomes a no-op.
 
 Distributed training: the strategy runs under DDP's ``no_sync``, so DDP's reducer (which expects
 a gradient for every parameter that reaches the forward output) is bypassed. Instead every
@@ -32,16 +34,18 @@ class AcceleratedUpdater(Updater):
 
     ``accumulation_steps > 1`` (gradient accumulation) is for single-backward strategies only:
     ``zero_grad`` then leaves the accumulating gradients alone and losses are divided by the
-    number of accumulated batches, as the Trainer does.
+    number of accumulated batches, as the Trainer does. ``defer_final=False`` takes the final step
+    at once and returns whether it was applied.
     """
 
     averages_gradients = True  # every backward is followed by one all-reduce of its gradients
 
     def __init__(self, accelerator: Any, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
-                 accumulation_steps: int = 1):
+                 accumulation_steps: int = 1, defer_final: bool = True):
         super().__init__(optimizer, max_grad_norm if max_grad_norm and max_grad_norm > 0 else None)
         self.accelerator = accelerator
         self.accumulation_steps = int(accumulation_steps)
+        self.defer_final = bool(defer_final)
         #: Divisor of every backward loss in the current batch (the Trainer's accumulation count).
         self.loss_divisor = 1.0
         #: True when the batch's final step was left to the Trainer's loop.
@@ -56,6 +60,7 @@ class AcceleratedUpdater(Updater):
         """Reset the per-batch state before ``strategy.step``."""
         self.loss_divisor = float(loss_divisor)
         self.deferred = False
+        self.last_grad_norm = None
 
     def zero_grad(self) -> None:
         if self.accumulation_steps > 1:
@@ -68,12 +73,14 @@ class AcceleratedUpdater(Updater):
         average_gradients_(self.params)
 
     def step(self, final: bool = False) -> bool:
-        if final:
+        if final and self.defer_final:
             self.deferred = True
             return True
         self.deferred = False
         if self.max_grad_norm is not None:
             self.last_grad_norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        elif final:  # the norm the Trainer would have logged for its own step
+            self.last_grad_norm = self.accelerator.clip_grad_norm_(self.params, float("inf"))
         self.optimizer.step()
         skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
         self.inner_steps += 1

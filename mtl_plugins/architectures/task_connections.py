@@ -7,7 +7,8 @@ on an example input. :func:`active_task` routes every connection to one task; a 
 used outside it raises an error.
 
 Transformer backbones (LayerNorm and Linear, no BatchNorm) get this project's own extension, not part
-of the paper: a per-task channel scale and shift after every shared ``nn.Linear``
+of the paper: a per-task channel scale and shift after every shared ``nn.Linear`` but the
+``out_proj`` of ``nn.MultiheadAttention``, which attention applies without calling it
 (:class:`TaskScaleShift`, identity at initialisation), whose connection strength is
 ``gamma_{tau,p}^2 * sum_q W[p, q]^2``.
 
@@ -21,7 +22,8 @@ normalised over channels per task; the top-priority task of channel ``p`` is the
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -221,6 +223,23 @@ def _check_task_names(tasks: Sequence[str]) -> list[str]:
     return tasks
 
 
+def check_plain_weight(layer: nn.Module, name: str, owner: nn.Module | None = None) -> None:
+    """Refuse a weight layer whose ``weight`` is not a plain parameter (parametrized, weight norm):
+    its captured weight would be a computed tensor that never receives a gradient."""
+    if not isinstance(getattr(layer, "weight", None), nn.Parameter):
+        where = f" of {type(owner).__name__}" if owner is not None else ""
+        raise ValueError(f"layer {name!r} ({type(layer).__name__}){where} has a computed weight (a parametrization or "
+                         "weight norm), not a parameter: task-specific connections need a plain weight parameter "
+                         "to measure and project; remove the parametrization from this layer first")
+
+
+def _connectable_linears(module: nn.Module) -> list[nn.Linear]:
+    """Every ``nn.Linear`` of ``module`` that runs as a module. ``nn.MultiheadAttention`` reads its
+    ``out_proj`` weight directly, so a forward hook there would never run: those are left out."""
+    skipped = {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [m for m in module.modules() if isinstance(m, nn.Linear) and id(m) not in skipped]
+
+
 def _replace_modules(root: nn.Module, replacements: dict[nn.Module, nn.Module]) -> None:
     for parent in list(root.modules()):
         for child_name, child in list(parent.named_children()):
@@ -234,8 +253,9 @@ def add_task_connections(module: nn.Module, tasks: Sequence[str], *, mode: Mode 
     ``mode="batchnorm"`` converts every BatchNorm fed directly by a conv/linear layer into a
     :class:`TaskBatchNorm` (found with :func:`trace_feeding_layers` on ``example_input``; other
     BatchNorms stay shared). ``mode="scale_shift"`` adds a :class:`TaskScaleShift` after every
-    ``nn.Linear`` (the transformer extension). ``"auto"`` picks ``batchnorm`` when the module has a
-    BatchNorm, ``scale_shift`` otherwise.
+    ``nn.Linear`` (the transformer extension) except ``nn.MultiheadAttention.out_proj``, which
+    attention applies without calling it. ``"auto"`` picks ``batchnorm`` when the module has a
+    BatchNorm, ``scale_shift`` otherwise. A source layer with a parametrized weight is refused.
     """
     tasks = _check_task_names(tasks)
     if mode not in ("auto", "batchnorm", "scale_shift"):
@@ -255,11 +275,15 @@ def add_task_connections(module: nn.Module, tasks: Sequence[str], *, mode: Mode 
                 raise ValueError(f"layer {names[source]!r} feeds two BatchNorms ({names[fed[source]]!r}, {names[norm]!r}): "
                                  "its channels would have two priorities")
             fed[source] = norm
+            check_plain_weight(source, names[source], module)
         _replace_modules(module, {n: TaskBatchNorm(n, tasks, s, names[n]) for n, s in pairs.items()})
     else:
-        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        linears = _connectable_linears(module)
         if not linears:
-            raise ValueError(f"{type(module).__name__} has no nn.Linear layer to add per-task scale and shift to")
+            raise ValueError(f"{type(module).__name__} has no nn.Linear layer to add per-task scale and shift to "
+                             "(nn.MultiheadAttention's out_proj does not count)")
+        for linear in linears:
+            check_plain_weight(linear, names[linear], module)
         for linear in linears:
             linear.task_connection = TaskScaleShift(tasks, linear, names[linear])
             linear.register_forward_hook(_apply_task_connection)
@@ -315,7 +339,12 @@ class ConnectedLayer:
 def connected_layers(model: nn.Module) -> list[ConnectedLayer]:
     """The shared weight layers of ``model`` that have task-specific connections, named as in ``model``."""
     names = {id(m): n for n, m in model.named_modules()}
-    return [ConnectedLayer(names.get(id(c.source), c.layer_name), c.source.weight, c) for c in task_connections(model)]
+    layers = []
+    for connection in task_connections(model):
+        name = names.get(id(connection.source), connection.layer_name)
+        check_plain_weight(connection.source, name)
+        layers.append(ConnectedLayer(name, connection.source.weight, connection))
+    return layers
 
 
 def normalized_strength(weight: Tensor, factors: Tensor) -> Tensor:
@@ -335,16 +364,42 @@ def layer_strength(layer: ConnectedLayer, tasks: Sequence[str] | None = None) ->
     return strength[order]
 
 
+def _accepted_options(method: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` that ``method`` accepts; raises naming the ones it does not."""
+    parameters = inspect.signature(method).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(options)
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    refused = sorted(set(options) - names)
+    if refused:
+        raise TypeError(f"{method.__qualname__}() does not accept the options {refused}")
+    return dict(options)
+
+
+def _convert_with_model_method(model: nn.Module, tasks: Sequence[str], options: Mapping[str, Any]) -> None:
+    """Let a model that converts itself (``model.add_task_connections(**options)``, e.g. a Hub
+    ``MultiTaskModel``, which converts its backbone and records the options in its config) do it."""
+    own = getattr(model, "tasks", None)
+    if own is not None and set(own) != set(tasks):
+        raise ValueError(f"task_connections for tasks {list(tasks)}, but the model's tasks are {list(own)}")
+    model.add_task_connections(**_accepted_options(model.add_task_connections, options))
+
+
 @register_architecture("task_connections", aliases=("TaskConnections",))
 class TaskConnections:
     """Architecture plugin: ``build_architecture("task_connections", tasks, model=m)`` converts ``m``
-    in place (its ``encoder`` for hard-parameter-sharing models with ``encoder`` and ``heads``, else the
-    whole model) with :func:`add_task_connections` and returns ``m`` itself."""
+    in place and returns ``m`` itself. A model with its own ``add_task_connections()`` method (the Hub
+    ``MultiTaskModel``: backbone only, saved in its config) converts itself; otherwise
+    :func:`add_task_connections` converts the ``encoder`` of hard-parameter-sharing models with
+    ``encoder`` and ``heads``, else the whole model."""
 
     def __new__(cls, tasks: Sequence[str], **options: Any) -> nn.Module:  # type: ignore[misc]
         model = options.pop("model", None)
         if not isinstance(model, nn.Module):
             raise TypeError(f"task_connections converts a model: pass model=<nn.Module>, got {model!r}")
+        if callable(getattr(model, "add_task_connections", None)):
+            _convert_with_model_method(model, tasks, options)
+            return model
         target = model.encoder if hasattr(model, "encoder") and hasattr(model, "heads") else model
         add_task_connections(target, tasks, **options)
         return model

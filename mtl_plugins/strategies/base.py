@@ -101,6 +101,8 @@ class Strategy:
     needs_task_forward: bool = False
     #: True when the strategy needs a model with task-specific connections (architecture ``task_connections``).
     needs_task_connections: bool = False
+    #: True when the strategy reads whether its final step was applied, so trainers must not defer that step.
+    needs_step_outcome: bool = False
     state_attributes: tuple[str, ...] = ("num_steps",)
 
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):

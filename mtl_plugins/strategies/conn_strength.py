@@ -5,6 +5,9 @@ gradients and, in every shared layer with task-specific connections, projects ea
 off the top-priority task's gradient on that task's channel group when they conflict; every other
 parameter gets the plain sum. The model must have task-specific connections
 (:mod:`mtl_plugins.architectures.task_connections`).
+
+Across processes, Phase 2 combines gradients averaged over all processes: by ``updater.reduce_``
+unless the updater's backward already averages them (``updater.averages_gradients``).
 """
 
 from __future__ import annotations
@@ -195,7 +198,8 @@ class ConnectionStrength(Strategy):
         return values
 
     def _phase2(self, closure: Closure, updater: Updater) -> list[float]:
-        """K task backwards; connected layers' gradients kept per task, the rest summed; one step."""
+        """K task backwards; connected layers' gradients kept per task, the rest summed; averaged across
+        processes unless the updater's backward already did; combined; one step."""
         num_tasks = len(self.tasks)
         per_task: list[Tensor | None] = [None] * len(self.layers)  # [K, C, D] per connected layer
         losses: dict[str, Tensor] = {}
@@ -213,6 +217,8 @@ class ConnectionStrength(Strategy):
                 per_task[i][k].copy_(grad.reshape(grad.shape[0], -1))  # type: ignore[index]
                 grad.zero_()
         values = losses_to_floats(losses, self.tasks)
+        if not updater.averages_gradients:
+            self._reduce_gradients(updater, per_task)
         with torch.no_grad():
             for layer, grads in zip(self.layers, per_task):
                 if grads is not None:
@@ -220,6 +226,13 @@ class ConnectionStrength(Strategy):
                     layer.weight.grad.copy_(combine_flat(grads, top).view_as(layer.weight))  # type: ignore[union-attr]
         updater.step(final=True)
         return values
+
+    def _reduce_gradients(self, updater: Updater, per_task: Sequence[Tensor | None]) -> None:
+        """Average across processes, in one ``reduce_``, the connected layers' per-task gradients and
+        the summed gradients of every other parameter, so every process combines the same gradients."""
+        connected = {id(layer.weight) for layer in self.layers}
+        others = {id(p): p.grad for p in updater.params if p.grad is not None and id(p) not in connected}
+        updater.reduce_([*(g for g in per_task if g is not None), *others.values()])
 
     # -- observables -------------------------------------------------------------------------------
     def connection_strength(self, model: nn.Module | None = None) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ batch's optimizer steps have already been applied, so training must resume from 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import deque
@@ -22,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..grouping import Grouping, choose_groups
+from ..grouping import COLUMN_SCALINGS, ColumnScaling, Grouping, choose_groups
 from ..registry import register_strategy
 from .base import Closure, NonFiniteLossError, Strategy, Updater, as_updater
 
@@ -61,7 +62,12 @@ class SelectiveGroupUpdate(Strategy):
     step to the current group), ``measure_last`` (paper mode: one extra no-grad forward pass to
     measure the last group's step), ``group_loss_norm`` (divide a group's loss by its size),
     ``preference`` (affinity-propagation preference, ``None`` = median), ``history_window``
-    (number of per-batch records kept in :attr:`history`).
+    (number of per-batch records kept in :attr:`history`), ``column_scaling`` (``"spec"``: every
+    column divided by its self-affinity; ``"released"``: the released code's in-place scaling,
+    which leaves entries below the diagonal unscaled, see :func:`~mtl_plugins.grouping.scaled_affinity`),
+    ``freeze_idle_tasks`` (``False`` gives the parameters of tasks outside the group a zero
+    gradient, as the released code did under torch 1.13, so Adam's momentum and weight decay move
+    them).
 
     Observable state: :attr:`affinity` (K x K float64, task order as given), :attr:`groups` (the
     latest batch's partition), :attr:`history` (the last ``history_window`` batches, each a dict with
@@ -71,7 +77,7 @@ class SelectiveGroupUpdate(Strategy):
 
     The updater's ``zero_grad`` must set gradients to ``None``: parameters outside the current group
     then receive no gradient and torch optimizers (Adam's momentum and weight decay included) leave
-    them untouched. The extra forward pass of ``measure_last`` runs in the model's current (training)
+    them untouched (unless ``freeze_idle_tasks=False``). The extra forward pass of ``measure_last`` runs in the model's current (training)
     mode, like the others, so it also updates BatchNorm running statistics.
     """
 
@@ -90,6 +96,8 @@ class SelectiveGroupUpdate(Strategy):
         group_loss_norm: bool = False,
         preference: float | None = None,
         history_window: int = 1000,
+        column_scaling: ColumnScaling = "spec",
+        freeze_idle_tasks: bool = True,
         loss_weights: Mapping[str, float] | None = None,
         seed: int = 0,
     ):
@@ -105,6 +113,8 @@ class SelectiveGroupUpdate(Strategy):
                              "(the released code measures no last step)")
         if history_window < 1:
             raise ValueError(f"history_window must be >= 1, got {history_window}")
+        if column_scaling not in COLUMN_SCALINGS:
+            raise ValueError(f"column_scaling must be one of {COLUMN_SCALINGS}, got {column_scaling!r}")
         if preference is not None and not math.isfinite(preference):
             raise ValueError(f"preference must be finite or None, got {preference}")
         bad = {t: w for t, w in self.loss_weights.items() if not w > 0}
@@ -117,6 +127,8 @@ class SelectiveGroupUpdate(Strategy):
         self.group_loss_norm = bool(group_loss_norm)
         self.preference = None if preference is None else float(preference)
         self.history_window = int(history_window)
+        self.column_scaling: ColumnScaling = column_scaling
+        self.freeze_idle_tasks = bool(freeze_idle_tasks)
         k = len(self.tasks)
         #: K x K float64: row = source task (its group was updated), column = target task.
         self.affinity = torch.zeros(k, k, dtype=torch.float64)
@@ -159,6 +171,8 @@ class SelectiveGroupUpdate(Strategy):
             if self.group_loss_norm:
                 loss = loss / len(group)
             updater.backward(loss)
+            if not self.freeze_idle_tasks:
+                self._zero_fill_gradients(updater)
             applied.append(bool(updater.step(final=j == len(order) - 1 and not self.measure_last)))
         if self.measure_last:
             with torch.no_grad():
@@ -179,7 +193,7 @@ class SelectiveGroupUpdate(Strategy):
             return Grouping([[t] for t in self.tasks])
         random_state = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
         return choose_groups(self.affinity, self.tasks, self.groups, preference=self.preference,
-                             random_state=random_state)
+                             random_state=random_state, column_scaling=self.column_scaling)
 
     def _measurements(self, rows: list[list[float]], order: list[list[str]], applied: list[bool]):
         """(losses before, losses after, credited group) for each measured group step."""
@@ -210,7 +224,15 @@ class SelectiveGroupUpdate(Strategy):
         missing = [t for t in self.tasks if t not in losses]
         if missing:
             raise KeyError(f"the closure returned no loss for tasks {missing}; got {sorted(losses)}")
-        return torch.stack([losses[t].detach().reshape(()).float() for t in self.tasks])
+        values = [losses[t].detach().reshape(()) for t in self.tasks]
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in values), torch.float32)
+        return torch.stack([v.to(dtype) for v in values])  # float64 losses keep their precision
+
+    @staticmethod
+    def _zero_fill_gradients(updater: Updater) -> None:
+        for p in updater.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     @staticmethod
     def _check_cleared(updater: Updater) -> None:

@@ -6,9 +6,11 @@ same strategy state. The static ``loss_weights`` multiply the losses before the 
 
 Learnable weights (``uw``'s log-variances, ``famo``'s logits, ``gradnorm``'s weights) are owned by
 the strategy and trained by its own small Adam optimizer (option ``lr``) inside :meth:`step`, right
-after the model's update; they are saved by ``state_dict()``. Nothing needs adding to the model's
-optimizer. Their gradients come from the process-averaged losses (and, for ``gradnorm``, the
-averaged, unscaled task gradients), so every process takes the same step whatever the loss scale.
+after the model's update, and only when that update was applied (an fp16 overflow skips it:
+``needs_step_outcome`` asks trainers to take the final step at once and report it); they are saved
+by ``state_dict()``. Nothing needs adding to the model's optimizer. Their gradients come from the
+process-averaged losses (and, for ``gradnorm``, the averaged, unscaled task gradients), so every
+process takes the same step whatever the loss scale.
 
 ``uw``, ``gls`` and ``rlw`` use torchjd's scalarizers (extra ``baselines``): the weights are the
 derivatives of the scalarized loss w.r.t. each task loss, so the model receives exactly the
@@ -111,6 +113,7 @@ class UncertaintyWeighting(LossWeighting):
     the model's learning rate to match the paper) on ``dL/ds_t = (1 - exp(-s_t) L_t) / 2``.
     """
 
+    needs_step_outcome = True  # the log-variances move only when the model did
     state_attributes = ("num_steps", "log_var_state")
 
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0,
@@ -251,11 +254,13 @@ class FAMO(LossWeighting):
 
     The logits ``w`` take one Adam step (``lr`` 0.025, ``weight_decay`` 1e-3, the paper's values)
     along ``J_softmax(w)^T (log L_before - log L_after)``, where ``L_after`` are the batch's losses
-    recomputed after the model's update (one extra forward pass without gradient). That update runs
-    at the start of the next step, once the model's step (which a trainer may defer to the end of the
-    batch) has surely been applied. Losses must be positive.
+    recomputed right after the model's update (one extra forward pass without gradient). The logits
+    move only when that update was applied (``needs_step_outcome``: trainers take the final step at
+    once instead of deferring it), so no state is carried from one batch to the next. Losses must be
+    positive.
     """
 
+    needs_step_outcome = True
     state_attributes = ("num_steps", "logits_state")
     eps = 1e-8
 
@@ -265,7 +270,6 @@ class FAMO(LossWeighting):
         if weight_decay < 0:
             raise ValueError(f"famo: weight_decay must be non-negative, got {weight_decay}")
         self.logits = OwnedParameter(torch.zeros(len(self.tasks), dtype=torch.float64), lr, weight_decay)
-        self._pending: tuple[Closure, Tensor] | None = None
 
     def _values(self, losses: Mapping[str, Tensor] | Tensor) -> Tensor:
         values = losses if isinstance(losses, Tensor) else _stack(losses, self.tasks)
@@ -287,16 +291,13 @@ class FAMO(LossWeighting):
             grad = torch.autograd.grad(torch.softmax(logits, dim=0), logits, grad_outputs=delta.to(logits))[0]
         self.logits.apply(grad)
 
-    def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
-        if self._pending is not None:
-            previous, before = self._pending
-            with torch.no_grad():
-                after = self.mean_losses(previous(), as_updater(optimizer))
-            self.update_logits(before, after)
-        return super().step(closure, optimizer)
-
     def after_step(self, closure: Closure, updater: Updater, values: Tensor, stepped: bool) -> None:
-        self._pending = (closure, values) if stepped else None
+        """Recompute the batch's losses after the applied update and move the logits."""
+        if not stepped:
+            return
+        with torch.no_grad():
+            after = self.mean_losses(closure(), updater)
+        self.update_logits(values, after)
 
     def backward(self, losses: Mapping[str, Tensor] | Tensor, updater: Updater | None = None, **kwargs: Any):
         raise NotImplementedError("famo updates its weights from the losses after the model's step: use step(closure, optimizer)")
@@ -322,6 +323,9 @@ class GradNorm(Strategy):
     """
 
     needs_task_forward = True
+    # Its finite check sees overflow in the per-task gradients, but not in the gradients written back
+    # at the loss scale; the step's reported outcome covers both.
+    needs_step_outcome = True
     state_attributes = ("num_steps", "initial_losses", "weights_state")
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
