@@ -92,11 +92,13 @@ def build_model_card(
     priority_stats: Mapping[str, Any] | None = None,
     base_model: str | None = None,
     license: str | None = None,
+    tokenizer_included: bool = False,
 ) -> ModelCard:
     """A model card for a :class:`MultiTaskConfig`'s model.
 
     ``metrics`` maps ``"<task>/<metric>"`` to a value (as ``mtl-train`` reports them); ``base_model``
     defaults to the Hub id of ``config.backbone_pretrained`` when it names one.
+    ``tokenizer_included``: the repository holds the tokenizer (the usage snippet loads it from there).
     """
     tasks = config.task_names
     metrics = dict(metrics or {})
@@ -127,11 +129,12 @@ def build_model_card(
         tags=["mtl-plugins", "multi-task-learning", *([method] if method else [])],
         **{k: v for k, v in extra.items() if v is not None},
     )
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(config, repo_id, extra, base_model, datasets))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(config, repo_id, extra, base_model, datasets,
+                                                                   tokenizer_included))
 
 
 def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model: str | None,
-          datasets: Sequence[str] | None) -> str:
+          datasets: Sequence[str] | None, tokenizer_included: bool = False) -> str:
     backbone = config.backbone_config.model_type
     parts = [f"# {repo_id.split('/')[-1] if repo_id else 'Multi-task model'}",
              f"A multi-task model (mtl-plugins `MultiTaskModel`): a shared `{backbone}` backbone"
@@ -159,17 +162,19 @@ def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model
         parts += ["## Task priority", "Share of channels whose top-priority task is each task, per connected layer.",
                   _table(["layer", *config.task_names],
                          [[layer, *shares] for layer, shares in extra["mtl_priority_stats"].items()])]
-    parts += ["## Usage", usage_snippet(config, repo_id or "path/to/checkpoint", base_model)]
+    name = repo_id or "path/to/checkpoint"
+    parts += ["## Usage", usage_snippet(config, name, name if tokenizer_included else base_model)]
     return "\n\n".join(parts) + "\n"
 
 
-def usage_snippet(config: Any, name: str, base_model: str | None) -> str:
-    """A Python block that loads the model from ``name`` and predicts every task on an example input."""
+def usage_snippet(config: Any, name: str, tokenizer_source: str | None) -> str:
+    """A Python block that loads the model from ``name`` and predicts every task on an example input
+    (tokenised by the tokenizer of ``tokenizer_source`` for text models, when there is one)."""
     lines = ["import torch", "import mtl_plugins.hub  # registers the model with AutoModel"]
-    if backbone_modality(config.backbone_config) == "text" and base_model:
+    if backbone_modality(config.backbone_config) == "text" and tokenizer_source:
         lines += ["from transformers import AutoModel, AutoTokenizer", "",
                   f'model = AutoModel.from_pretrained("{name}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_source}")',
                   'inputs = tokenizer(["An example sentence."], return_tensors="pt")']
     else:
         lines += ["from transformers import AutoModel", "", f'model = AutoModel.from_pretrained("{name}")',

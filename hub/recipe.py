@@ -36,6 +36,8 @@ def head_task(name: str, spec: TaskSpec, kind: str | None, loss_weight: float) -
         else:
             raise ValueError(f"task {name!r}: no head kind for task kind {spec.kind!r}; set model.options.task_kinds")
     entry = {"name": name, "kind": kind, "num_outputs": spec.num_outputs, "loss_weight": loss_weight}
+    if spec.labels is not None:
+        entry["labels"] = list(spec.labels)
     if HEAD_KINDS[kind].losses:
         loss = REGRESSION_LOSSES.get(spec.loss, spec.loss)
         if loss not in HEAD_KINDS[kind].losses:

@@ -221,17 +221,23 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     return {k: v for k, v in cached.items() if k.split("/")[0] in tasks}
 
 
-def save_hub_model(model: torch.nn.Module, folder: Path, summary: Mapping[str, Any], strategy: Any) -> bool:
-    """Save a Hugging Face model with ``save_pretrained`` (safetensors) to ``folder``, with a model card
-    (``README.md``: strategy, test metrics, Delta_m) when its config is a multi-task config.
+def save_hub_model(model: torch.nn.Module, folder: Path, summary: Mapping[str, Any], strategy: Any,
+                   processor: Any = None) -> bool:
+    """Save a Hugging Face model with ``save_pretrained`` (safetensors) to ``folder``, with the
+    tokenizer or image processor that prepared its inputs and a model card (``README.md``: strategy,
+    test metrics, Delta_m) when its config is a multi-task config.
     Returns False, saving nothing, for models without ``save_pretrained``."""
     if not callable(getattr(model, "save_pretrained", None)):
         return False
     model.save_pretrained(folder)  # safetensors
+    saves_processor = callable(getattr(processor, "save_pretrained", None))
+    if saves_processor:
+        processor.save_pretrained(folder)
     if hasattr(getattr(model, "config", None), "task_names"):
         from .hub.card import build_model_card, card_fields_from_strategy
 
         card = build_model_card(model.config, metrics=summary["test_metrics"], delta_m=summary.get("delta_m"),
+                                tokenizer_included=saves_processor and hasattr(processor, "tokenize"),
                                 **card_fields_from_strategy(strategy))
         card.save(folder / "README.md")
     return True
@@ -276,7 +282,7 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
     from safetensors.torch import save_model
 
     save_model(result["model"], str(out / "model.safetensors"))
-    save_hub_model(result["model"], out / "model", summary, result["strategy"])
+    save_hub_model(result["model"], out / "model", summary, result["strategy"], processor=data.processor)
     torch.save(result["strategy"].state_dict(), out / "strategy_state.pt")
     plots = [plot_loss_curves(result["records"], tasks, out / "loss_curves.png")]
     plots += result["strategy"].write_plots(out)

@@ -18,6 +18,8 @@ class TaskSpec:
     higher_is_better: bool
     #: Multiplies regression errors to report them in user units (e.g. digit units).
     metric_scale: float = 1.0
+    #: Class names of a classification task, in label order (saved with Hugging Face models).
+    labels: tuple[str, ...] | None = None
 
 
 def select_tasks(tasks: Sequence[str] | None, available: Mapping[str, TaskSpec], dataset: str) -> list[str]:

@@ -44,7 +44,9 @@ def test_builder_labels_match_the_raw_file(bundle):
     rows = raw_rows("train")
     assert len(bundle.train) == len(rows) == 600 and len(bundle.eval) == len(raw_rows("test")) == 379
     assert bundle.tasks == ["rating", "condition", "useful"]
-    assert bundle.task_specs["condition"] == TaskSpec("classification", 9, "cross_entropy", "accuracy", True)
+    conditions = drug_reviews.condition_classes(drug_reviews.read_split("train"), 8)
+    assert bundle.task_specs["condition"] == TaskSpec("classification", 9, "cross_entropy", "accuracy", True,
+                                                      labels=tuple(conditions))
     assert bundle.task_specs["useful"] == TaskSpec("regression", 1, "mse", "mae", False)
     conditions = drug_reviews.condition_classes(drug_reviews.read_split("train"), 8)
     tokenizer_path = resolve_pretrained("packaged:all-MiniLM-L6-v2")
@@ -108,6 +110,16 @@ def test_hub_multitask_maps_task_specs_to_heads_and_rejects_other_losses():
         build_model("hub_multitask", ["useful"], specs, poolling="cls", **config)
 
 
+def test_task_specs_carry_the_class_names():
+    specs = drug_reviews.task_specs(["Depression", "Pain", "other"])
+    assert specs["condition"].labels == ("Depression", "Pain", "other") and specs["condition"].num_outputs == 3
+    assert specs["rating"].labels == drug_reviews.RATINGS and specs["useful"].labels is None
+    config = {"backbone_config": {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 32}}
+    model = build_model("hub_multitask", ["rating", "condition"], specs, **config)
+    assert [t.get("labels") for t in model.config.tasks] == [list(drug_reviews.RATINGS), ["Depression", "Pain", "other"]]
+
+
 def test_text_quickstart_recipe_names_the_packaged_encoder_and_dataset():
     recipe = load_recipe("text-quickstart")
     assert recipe["data"]["dataset"] == "drug_reviews" and recipe["model"]["name"] == "hub_multitask"
@@ -141,3 +153,14 @@ def test_text_quickstart_end_to_end(tmp_path, capsys):
         accuracy = (logits[task].argmax(1) == batch[task]).float().mean().item()
         assert metrics[f"{task}/accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert metrics["useful/mae"] == pytest.approx((logits["useful"][:, 0] - batch["useful"]).abs().mean().item(), abs=1e-5)
+    # the saved folder is self-contained: tokenizer, class names, and a card whose snippet uses both
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = tmp_path / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("a review")["input_ids"] == data.processor("a review")["input_ids"]
+    reloaded = AutoModel.from_pretrained(folder)
+    labels = {t["name"]: t.get("labels") for t in reloaded.config.tasks}
+    assert labels["rating"] == list(drug_reviews.RATINGS)
+    assert labels["condition"] == list(data.task_specs["condition"].labels) and labels["condition"][-1] == "other"
+    assert f'AutoTokenizer.from_pretrained("path/to/checkpoint")' in (folder / "README.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -12,22 +13,37 @@ from mtl_plugins.strategies.base import Strategy
 STRATEGY_STATE_NAME = "strategy_state.pt"
 
 
-def save_strategy_state(strategy: Strategy, folder: str | os.PathLike) -> Path:
-    """Write ``strategy.state_dict()`` (with its name and tasks) into ``folder``; returns the file."""
-    path = Path(folder) / STRATEGY_STATE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _serialised_state(strategy: Strategy) -> bytes:
+    """``strategy.state_dict()`` (with its name and tasks) as ``torch.save`` bytes, checked to load
+    back with ``weights_only=True``."""
     payload = {"strategy": strategy.name, "tasks": list(strategy.tasks), "state": strategy.state_dict()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+    buffer = io.BytesIO()
     try:
-        torch.load(tmp, weights_only=True)
+        torch.save(payload, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the reason
-        tmp.unlink(missing_ok=True)
         raise TypeError(
             f"strategy {strategy.name!r} state cannot be checkpointed safely (only tensors, numbers, strings, "
             f"lists, tuples and dicts are allowed): {error}"
         ) from error
-    os.replace(tmp, path)
+    return buffer.getvalue()
+
+
+def check_checkpointable(strategy: Strategy) -> None:
+    """Raise ``TypeError`` now if ``strategy``'s state could not be saved in a checkpoint and loaded
+    back with ``weights_only=True`` (rather than at the first checkpoint, hours into a run)."""
+    _serialised_state(strategy)
+
+
+def save_strategy_state(strategy: Strategy, folder: str | os.PathLike) -> Path:
+    """Write ``strategy.state_dict()`` (with its name and tasks) into ``folder``; returns the file."""
+    path = Path(folder) / STRATEGY_STATE_NAME
+    data = _serialised_state(strategy)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # a checkpoint never holds a partly written state
     return path
 
 

@@ -1,7 +1,8 @@
 """Collectives used by the trainer's updater: averaging, broadcasting, gradient synchronisation.
 
-Every function is the identity in a single process. Tensors are flattened per dtype and device so
-that each call issues one collective per dtype, whatever the number of tensors.
+Every function is the identity in a single process. Tensors are flattened per dtype and device into
+buckets of at most ``BUCKET_BYTES`` (as DDP's reducer does), so a call issues few collectives and
+never copies all gradients of a large model at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+
+#: Largest flattened bucket per collective (DDP's default bucket size); a bigger tensor is its own bucket.
+BUCKET_BYTES = 25 * 2**20
 
 
 def world_size() -> int:
@@ -26,16 +31,31 @@ def _by_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device
     return groups
 
 
+def _buckets(tensors: Sequence[Tensor], limit: int = BUCKET_BYTES) -> list[list[Tensor]]:
+    """Consecutive runs of same-dtype, same-device ``tensors`` of at most ``limit`` bytes each."""
+    buckets: list[list[Tensor]] = []
+    for group in _by_dtype(tensors).values():
+        size = limit
+        for t in group:
+            nbytes = t.numel() * t.element_size()
+            if size + nbytes > limit:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(t)
+            size += nbytes
+    return buckets
+
+
 def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
     """Average ``tensors`` across processes, in place."""
     size = world_size()
     if size == 1 or not tensors:
         return
-    for group in _by_dtype(tensors).values():
-        flat = torch.cat([t.reshape(-1) for t in group])
+    for bucket in _buckets(tensors):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= size
-        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+        for t, chunk in zip(bucket, flat.split([t.numel() for t in bucket])):
             t.copy_(chunk.view_as(t))
 
 
@@ -47,20 +67,23 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     """
     if world_size() == 1:
         return
-    named = list(module.named_buffers())
-    if not named:
+    named = list(module.named_buffers(remove_duplicate=False))  # every owner of a shared buffer
+    unique = list({id(b): b for _, b in named}.values())
+    if not unique:
         return
-    rank = dist.get_rank()
-    for group in _by_dtype([b for _, b in named]).values():
-        ids = {id(b) for b in group}
-        names = [name for name, b in named if id(b) in ids]
-        flat = torch.cat([b.reshape(-1) for b in group])
+    receiving = dist.get_rank() != src
+    received: dict[int, Tensor] = {}
+    for bucket in _buckets(unique):
+        flat = torch.cat([b.reshape(-1) for b in bucket])
         dist.broadcast(flat, src=src)
-        if rank == src:
-            continue
-        for name, b, chunk in zip(names, group, flat.split([b.numel() for b in group])):
-            owner, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(owner), leaf, chunk.view_as(b).clone())
+        if receiving:
+            chunks = flat.split([b.numel() for b in bucket])
+            received.update({id(b): chunk.view_as(b).clone() for b, chunk in zip(bucket, chunks)})
+    if not receiving:
+        return
+    for name, b in named:
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, received[id(b)])
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

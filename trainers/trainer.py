@@ -22,7 +22,7 @@ from mtl_plugins.strategies.base import Strategy
 from mtl_plugins.strategies.ew import EqualWeighting
 
 from .arguments import MultiTaskTrainingArguments
-from .checkpoint import load_strategy_state, save_strategy_state
+from .checkpoint import check_checkpointable, load_strategy_state, save_strategy_state
 from .distributed import all_reduce_mean_
 from .updater import AcceleratedUpdater
 
@@ -100,6 +100,8 @@ class MultiTaskTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("MultiTaskTrainer supports single-process and DDP training, not DeepSpeed or FSDP")
         self._check_accumulation()
+        if self.args.save_strategy != "no":
+            check_checkpointable(self.strategy)
         self.model_accepts_loss_kwargs = False  # the model's forward gets the batch only
         self._signature_columns = self._input_columns(model)
         self.updater: AcceleratedUpdater | None = None

@@ -12,12 +12,14 @@ from ..tasks import TaskSpec
 
 @dataclass
 class DataBundle:
-    """What a recipe trains and evaluates on: task names, ``datasets.Dataset`` splits, task specs."""
+    """What a recipe trains and evaluates on: task names, ``datasets.Dataset`` splits, task specs and
+    the tokenizer or image processor that prepared the inputs (saved next to Hugging Face models)."""
 
     tasks: list[str]
     train: Any
     eval: Any
     task_specs: dict[str, TaskSpec]
+    processor: Any = None
 
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {}

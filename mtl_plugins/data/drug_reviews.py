@@ -82,10 +82,14 @@ def condition_classes(train, num_conditions: int) -> list[str]:
     return [name for name, _ in ranked if name != "other"][:num_conditions] + ["other"]
 
 
-def task_specs(num_conditions: int) -> dict[str, TaskSpec]:
+def task_specs(conditions: Sequence[str] | int) -> dict[str, TaskSpec]:
+    """The three tasks; ``conditions``: the condition class names (``other`` last), or how many
+    conditions precede ``other`` when the names are not known."""
+    names = tuple(conditions) if not isinstance(conditions, int) else None
+    num_classes = len(names) if names is not None else conditions + 1
     return {
-        "rating": TaskSpec("classification", len(RATINGS), "cross_entropy", "accuracy", True),
-        "condition": TaskSpec("classification", num_conditions + 1, "cross_entropy", "accuracy", True),
+        "rating": TaskSpec("classification", len(RATINGS), "cross_entropy", "accuracy", True, labels=RATINGS),
+        "condition": TaskSpec("classification", num_classes, "cross_entropy", "accuracy", True, labels=names),
         "useful": TaskSpec("regression", 1, "mse", "mae", False),
     }
 
@@ -135,10 +139,11 @@ def drug_reviews_data(tasks: Sequence[str] | None = None, tokenizer: str = DEFAU
     train, test = read_split("train", path), read_split("test", path)
     conditions = condition_classes(train, num_conditions)
     tok = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer))
-    specs = task_specs(len(conditions) - 1)
+    specs = task_specs(conditions)
     return DataBundle(
         tasks=tasks,
         train=encode_split(_subset(train, train_size, seed), tasks, conditions, tok, max_length),
         eval=encode_split(_subset(test, eval_size, seed), tasks, conditions, tok, max_length),
         task_specs={t: specs[t] for t in tasks},
+        processor=tok,
     )
