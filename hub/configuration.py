@@ -26,6 +26,9 @@ def backbone_modality(config: PreTrainedConfig) -> str:
     """``vision`` for ``AutoBackbone`` and ViT configs, ``text`` for encoders with a vocabulary."""
     if config.model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES or config.model_type in VIT_MODEL_TYPES:
         return "vision"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"backbone model_type {config.model_type!r} is an encoder-decoder: use an encoder "
+                         "(e.g. bert, roberta, deberta-v2) as the shared backbone")
     if getattr(config, "vocab_size", None):
         return "text"
     raise ValueError(

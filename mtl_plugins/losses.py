@@ -20,9 +20,17 @@ from torch import Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def class_indices(target: Tensor) -> Tensor:
+    """``target`` as class indices; floating labels must be whole numbers (never silently truncated)."""
+    if target.is_floating_point() and not bool((target == target.round()).all()):
+        raise ValueError("class labels must be whole numbers (class indices); got fractional values, e.g. "
+                         f"{target[target != target.round()].flatten()[:3].tolist()}")
+    return target.long()
+
+
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy over labelled positions (class dim 1)."""
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+    return F.cross_entropy(logits, class_indices(target), ignore_index=ignore_index)
 
 
 def _regression_target(prediction: Tensor, target: Tensor, name: str) -> Tensor:
@@ -78,7 +86,7 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255
 
     Works for ``B x C`` sequence logits, ``B x C x T`` token logits and ``B x C x H x W`` maps.
     """
-    target = target.long()
+    target = class_indices(target)
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"cross-entropy: labels of shape {tuple(target.shape)} do not match logits of shape "
                          f"{tuple(logits.shape)} (class dim 1)")

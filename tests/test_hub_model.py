@@ -69,6 +69,9 @@ def test_config_backbone_errors():
         MultiTaskModel(MultiTaskConfig(backbone_config=convnext_config()))
     with pytest.raises(ValueError, match="unknown packaged checkpoint"):
         resolve_pretrained("packaged:nothing")
+    t5 = {"model_type": "t5", "vocab_size": 32, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2}
+    with pytest.raises(ValueError, match="'t5' is an encoder-decoder"):
+        MultiTaskConfig(backbone_config=t5, tasks=[{"name": "a", "kind": "regression"}])
 
 
 def test_default_feature_levels_spread_over_the_stages():

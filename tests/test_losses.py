@@ -7,6 +7,7 @@ import torch
 
 from mtl_plugins.losses import (
     LOSSES,
+    cross_entropy,
     balanced_bce,
     depth_l1,
     edge_bce,
@@ -153,3 +154,14 @@ def test_regression_losses_reject_label_shapes_that_do_not_match():
         mse(torch.zeros(2, 1), torch.zeros(3))  # would broadcast to 2 x 3 without the check
     # B labels for B predictions with a trailing size-1 dim, and the other way round
     assert mse(torch.tensor([1.0, 2.0]), torch.tensor([[0.0], [0.0]])).item() == pytest.approx(2.5)
+
+
+def test_class_labels_given_as_floats_must_be_whole_numbers():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    whole = torch.tensor([0.0, 2.0])
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
+    torch.testing.assert_close(cross_entropy(logits, whole), expected)
+    torch.testing.assert_close(masked_cross_entropy(logits, whole), expected)
+    for loss in (cross_entropy, masked_cross_entropy):
+        with pytest.raises(ValueError, match="whole numbers"):
+            loss(logits, torch.tensor([0.0, 1.7]))  # .long() would have trained on class 1
