@@ -40,11 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_usage(sys.stderr)
         print("mtl-train: error: give a recipe (see mtl-train --list)", file=sys.stderr)
         return 2
+    notes: list[str] = []
     try:
-        recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides))
+        recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides, notes))
     except (ValueError, FileNotFoundError) as error:
         print(f"mtl-train: error: {one_line(error)}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"mtl-train: note: {note}", file=sys.stderr)
     from .runner import is_main_process, run_recipe
 
     try:

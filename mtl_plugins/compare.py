@@ -140,12 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notes: list[str] = []
     try:
-        recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides))
+        recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides, notes))
         runs = prepare(recipe, args.strategies)
     except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
         print(f"mtl-compare: error: {error}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"mtl-compare: note: {note}", file=sys.stderr)
     rows = run_all(runs, args.output_dir, args.baselines, progress=not args.no_progress)
     table = format_table(rows)
     out = Path(args.output_dir)

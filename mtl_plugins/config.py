@@ -68,10 +68,14 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
     return recipe
 
 
-def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str],
+                    notes: list[str] | None = None) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML, ``1e-4`` as a float) to a copy of
-    ``recipe``. ``strategy=NAME`` is short for ``strategy={name: NAME}``."""
+    ``recipe``. ``strategy=NAME`` is short for ``strategy={name: NAME}`` (the strategy section is
+    replaced). ``strategy.name=NAME`` switches the strategy and keeps only the options that ``NAME``
+    accepts. What an override drops is said in ``notes`` (one line each) when a list is given."""
     result = copy.deepcopy(recipe)
+    notes = [] if notes is None else notes
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -86,8 +90,45 @@ def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[st
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
             node = child
         value = parse_yaml(raw)
-        node[leaf] = _strategy_shorthand(value) if node is result and leaf == "strategy" else value
+        if node is result and leaf == "strategy":
+            value = _strategy_shorthand(value)
+            dropped = _options(result.get("strategy"))
+            if isinstance(value, dict) and "options" not in value and dropped:
+                notes.append(f"{item} replaces the strategy section: dropped the options of "
+                             f"{_strategy_shorthand(result['strategy']).get('name')!r}: {_listing(dropped)}")
+        elif key == "strategy.name" and value != node.get("name") and _options(node):
+            kept, dropped = _split_options(value, node["options"])
+            if dropped:
+                node["options"] = kept
+                notes.append(f"{item}: dropped options that {value!r} does not accept "
+                             f"(from {node.get('name')!r}): {_listing(dropped)}")
+        node[leaf] = value
     return result
+
+
+def _options(section: Any) -> dict[str, Any]:
+    section = _strategy_shorthand(section)
+    options = section.get("options") if isinstance(section, dict) else None
+    return options if isinstance(options, dict) else {}
+
+
+def _listing(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def _split_options(strategy: Any, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` split into those that ``strategy`` accepts and the others (an unknown name keeps
+    them all: its error comes later)."""
+    from . import available_strategies
+    from .registry import STRATEGIES
+
+    available_strategies()  # registers the built-ins
+    try:
+        accepted = STRATEGIES.accepted_options(strategy)
+    except (ValueError, TypeError):
+        return dict(options), {}
+    kept = {k: v for k, v in options.items() if k in accepted}
+    return kept, {k: v for k, v in options.items() if k not in accepted}
 
 
 def _strategy_shorthand(value: Any) -> Any:

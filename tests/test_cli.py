@@ -115,3 +115,40 @@ def test_bad_strategy_option_is_a_clear_error(tmp_path, capsys):
                  "--output-dir", str(tmp_path), "--no-progress"])
     assert code == 2
     assert "strategy 'ew' has no option 'warmup_steps'" in capsys.readouterr().err
+
+
+def test_switching_the_strategy_by_name_drops_options_it_does_not_accept():
+    notes = []
+    recipe = apply_overrides(load_recipe("quickstart"), ["strategy.name=ew"], notes)
+    assert recipe["strategy"] == {"name": "ew", "options": {}}
+    assert notes == ["strategy.name=ew: dropped options that 'ew' does not accept (from 'sel_update'): warmup_steps=20"]
+    # options given after the switch are the new strategy's; accepted ones are kept
+    notes = []
+    recipe = apply_overrides({"strategy": {"name": "sel_update", "options": {"warmup_steps": 5, "affinity_decay": 0.1}}},
+                             ["strategy.name=cagrad", "strategy.options.c=0.5"], notes)
+    assert recipe["strategy"] == {"name": "cagrad", "options": {"c": 0.5}}
+    assert notes[0].endswith("warmup_steps=5, affinity_decay=0.1")
+    # the same name, or an unknown one (reported later), keeps every option
+    for name in ("sel_update", "nope"):
+        notes = []
+        recipe = apply_overrides(load_recipe("quickstart"), [f"strategy.name={name}"], notes)
+        assert recipe["strategy"]["options"] == {"warmup_steps": 20} and notes == []
+
+
+def test_strategy_shorthand_says_which_options_it_drops():
+    notes = []
+    assert apply_overrides(load_recipe("quickstart"), ["strategy=ew"], notes)["strategy"] == {"name": "ew"}
+    assert notes == ["strategy=ew replaces the strategy section: dropped the options of 'sel_update': warmup_steps=20"]
+    notes = []
+    apply_overrides(load_recipe("quickstart"), ["strategy={name: ew, options: {}}"], notes)
+    assert notes == []  # options given explicitly: nothing is dropped behind the user's back
+
+
+def test_help_example_switching_the_strategy_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
+    code = main(["quickstart", "strategy.name=ew", "training.num_train_epochs=1", *TINY, "training.max_steps=2",
+                 "--baselines", "skip", "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "mtl-train: note: strategy.name=ew: dropped options that 'ew' does not accept" in err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["strategy"] == "ew"
