@@ -192,7 +192,8 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
             (out / "checkpoints").rmdir()
     metrics = split_metrics(trainer.evaluate(metric_key_prefix="test"), data)
     return {"model": model, "strategy": trainer.strategy, "metrics": metrics["main"], "all_metrics": metrics["all"],
-            "records": recorder.records, "data": data, "train_seconds": seconds, "steps": trainer.state.global_step}
+            "records": recorder.records, "data": data, "train_seconds": seconds, "steps": trainer.state.global_step,
+            "environment": run_environment(trainer.args)}
 
 
 def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode: str, progress: bool) -> dict[str, float] | None:
@@ -204,6 +205,9 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     key_source = {k: recipe.get(k) for k in ("data", "model", "training")}
     key_source["model"] = {**(key_source["model"] or {}), "architecture": "hps"}
     key_source["metrics"] = "all"  # caches that hold each task's main metric only are not reused
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # DDP baselines train with the run's global batch: not those of one process
+        key_source["world_size"] = world_size
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "baselines" / f"{key}.json"
     cached = json.loads(path.read_text()) if path.exists() and mode == "cache" else {}
@@ -243,23 +247,110 @@ def save_hub_model(model: torch.nn.Module, folder: Path, summary: Mapping[str, A
     return True
 
 
+#: What a run writes besides its plots (``*.png``); a folder that held a run loses these before the next
+#: run's outputs move in, so no output of an earlier run (e.g. another strategy's plots) stays behind.
+RUN_OUTPUTS = ("config.yaml", "train_log.jsonl", "results.json", "model.safetensors", "strategy_state.pt", "model")
+#: The folder inside the output folder where a run writes until it succeeded.
+STAGING = ".incomplete"
+
+
+def run_environment(args: Any) -> dict[str, Any]:
+    """How a run ran: processes, device, CPU threads, mixed precision, library versions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    return {
+        "world_size": int(args.world_size),
+        "device": str(args.device),
+        "threads": torch.get_num_threads(),
+        "mixed_precision": precision,
+        "global_train_batch_size": int(args.per_device_train_batch_size) * int(args.world_size)
+        * int(args.gradient_accumulation_steps),
+        "versions": {"python": platform.python_version(),
+                     **{name: installed(name) for name in ("mtl-plugins", "torch", "transformers", "accelerate")}},
+    }
+
+
+def describe_environment(environment: Mapping[str, Any]) -> str:
+    """One line: ``2 processes on cpu, 1 CPU thread each, mixed precision: no, global batch 128``."""
+    n, threads = environment["world_size"], environment["threads"]
+    return (f"{n} process{'es' if n != 1 else ''} on {environment['device']}, {threads} CPU thread"
+            f"{'s' if threads != 1 else ''} each, mixed precision: {environment['mixed_precision']}, "
+            f"global batch {environment['global_train_batch_size']}")
+
+
+def _publish(staging: Path, out: Path) -> list[str]:
+    """Move a finished run's outputs from ``staging`` into ``out``, after removing the outputs of an
+    earlier run there; returns the names moved."""
+    import shutil
+
+    previous = out / "results.json"
+    if previous.is_file():
+        try:
+            listed = json.loads(previous.read_text()).get("outputs") or []
+        except (ValueError, AttributeError):
+            listed = []
+        stale = {*RUN_OUTPUTS, *listed, *(p.name for p in out.glob("*.png"))}
+    else:
+        stale = set(RUN_OUTPUTS) if (out / "config.yaml").is_file() else set()
+    for name in stale:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    names = sorted(p.name for p in staging.iterdir())
+    for name in names:
+        (staging / name).replace(out / name)
+    staging.rmdir()
+    return names
+
+
 def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, baselines: str | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Run a recipe and write its outputs; returns the summary written to ``results.json``.
 
-    Outputs: ``config.yaml``, ``train_log.jsonl``, ``results.json`` (``test_metrics``: each task's main
-    metric; ``all_test_metrics``: every metric of the evaluation), ``model.safetensors``,
-    ``strategy_state.pt``, plots and, for Hugging Face models, ``model/`` (``save_pretrained``
-    folder with a model card) that ``AutoModel.from_pretrained`` loads after ``import mtl_plugins.hub``.
+    Outputs: ``config.yaml`` (the recipe run, with the real ``output_dir``), ``train_log.jsonl``,
+    ``results.json`` (``test_metrics``: each task's main metric; ``all_test_metrics``: every metric of
+    the evaluation; ``environment``: processes, device, threads, precision, versions),
+    ``model.safetensors``, ``strategy_state.pt``, plots and, for Hugging Face models, ``model/``
+    (``save_pretrained`` folder with a model card) that ``AutoModel.from_pretrained`` loads after
+    ``import mtl_plugins.hub``. They are written to ``<output_dir>/.incomplete`` and moved into
+    ``output_dir`` only once the run succeeded, replacing the outputs of an earlier run there; a
+    failed run leaves the folder as it was.
 
     Under a distributed launch every process trains and only the main process writes outputs.
     """
+    import shutil
+
     out = Path(output_dir or recipe.get("output_dir", "runs/run"))
     main = is_main_process()
+    staging = out / STAGING
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(dict(recipe), sort_keys=False))
-    result = fit(recipe, progress=progress, log_path=out / "train_log.jsonl", output_dir=out)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        (staging / "config.yaml").write_text(yaml.safe_dump({**recipe, "output_dir": str(out)}, sort_keys=False))
+    try:
+        summary = _run(recipe, out, staging, baselines, progress, main)
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main:
+        _publish(staging, out)
+    return summary
+
+
+def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | None, progress: bool,
+         main: bool) -> dict[str, Any]:
+    result = fit(recipe, progress=progress, log_path=staging / "train_log.jsonl", output_dir=out)
     data, metrics = result["data"], result["metrics"]
     tasks = data.tasks
     summary: dict[str, Any] = {
@@ -269,6 +360,7 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
         "train_seconds": round(result["train_seconds"], 2),
         "test_metrics": metrics,
         "all_test_metrics": result["all_metrics"],
+        "environment": result["environment"],
     }
     reference = single_task_baselines(recipe, tasks, baselines or recipe.get("baselines", "cache"), progress)
     if reference is not None:
@@ -277,15 +369,20 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
         selection = higher_is_better(data, dataset, set(result["all_metrics"]) & set(reference))
         summary["delta_m"] = delta_m(result["all_metrics"], reference, selection)
         summary["delta_m_metrics"] = list(selection)
+        environment = result["environment"]
+        summary["delta_m_baselines"] = (
+            f"single-task ew runs of this recipe with the same launch: {environment['world_size']} process(es), "
+            f"global batch {environment['global_train_batch_size']}")
     if not main:
         return summary
     from safetensors.torch import save_model
 
-    save_model(result["model"], str(out / "model.safetensors"))
-    save_hub_model(result["model"], out / "model", summary, result["strategy"], processor=data.processor)
-    torch.save(result["strategy"].state_dict(), out / "strategy_state.pt")
-    plots = [plot_loss_curves(result["records"], tasks, out / "loss_curves.png")]
-    plots += result["strategy"].write_plots(out)
+    save_model(result["model"], str(staging / "model.safetensors"))
+    save_hub_model(result["model"], staging / "model", summary, result["strategy"], processor=data.processor)
+    torch.save(result["strategy"].state_dict(), staging / "strategy_state.pt")
+    plots = [plot_loss_curves(result["records"], tasks, staging / "loss_curves.png")]
+    plots += result["strategy"].write_plots(staging)
     summary["plots"] = [p.name for p in plots]
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    summary["outputs"] = sorted({*(p.name for p in staging.iterdir()), "results.json"})
+    (staging / "results.json").write_text(json.dumps(summary, indent=2))
     return summary

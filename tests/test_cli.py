@@ -152,3 +152,41 @@ def test_help_example_switching_the_strategy_runs(tmp_path, monkeypatch, capsys)
     assert code == 0, err
     assert "mtl-train: note: strategy.name=ew: dropped options that 'ew' does not accept" in err
     assert json.loads((tmp_path / "run" / "results.json").read_text())["strategy"] == "ew"
+
+
+def test_run_folder_keeps_the_provenance_of_the_run_that_succeeded(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [*TINY, "training.max_steps=2", "--baselines", "skip", "--output-dir", str(out), "--no-progress"]
+    assert main(["quickstart", "strategy.options.warmup_steps=1", *common]) == 0
+    assert (out / "sel_update_affinity.png").is_file() and (out / "sel_update_num_groups.png").is_file()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["output_dir"] == str(out) and config["strategy"]["name"] == "sel_update"
+    # a successful run of another strategy replaces every output: no plot of the earlier one stays
+    assert main(["quickstart", "strategy=ew", *common]) == 0
+    assert not (out / "sel_update_affinity.png").exists() and not (out / "sel_update_num_groups.png").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["strategy"] == "ew" and sorted(p.name for p in out.iterdir()) == results["outputs"]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # a failed run leaves the folder as it was
+    capsys.readouterr()
+    assert main(["quickstart", "strategy=ew", "data.tasks=[left, rigth]", *common]) == 2
+    assert "rigth" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (out / ".incomplete").exists()
+
+
+def test_results_record_how_the_run_ran(tmp_path, capsys):
+    from importlib.metadata import version
+
+    import torch
+
+    out = tmp_path / "run"
+    assert main(["quickstart", "strategy=ew", *TINY, "training.max_steps=1", "--baselines", "skip",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    environment = json.loads((out / "results.json").read_text())["environment"]
+    assert environment["world_size"] == 1 and environment["device"] == "cpu"
+    assert environment["threads"] == torch.get_num_threads() and environment["mixed_precision"] == "no"
+    assert environment["global_train_batch_size"] == 32
+    assert environment["versions"]["torch"] == version("torch") and environment["versions"]["mtl-plugins"]
+    stdout = capsys.readouterr().out
+    assert f"ran as 1 process on cpu, {torch.get_num_threads()} CPU thread" in stdout

@@ -5,6 +5,7 @@ import re
 import sys
 
 import pytest
+import yaml
 
 from mtl_plugins import compare
 from mtl_plugins.config import load_recipe
@@ -66,6 +67,7 @@ def test_table_reports_each_runs_metrics_delta_m_and_time(monkeypatch, tmp_path,
     for name in ("ew", "pcgrad"):
         result = json.loads((out / name / "results.json").read_text())
         assert result["strategy"] == name
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["output_dir"] == str(out / name)
         expected = [f"{result['test_metrics']['left/accuracy']:.4f}", f"{result['test_metrics']['right/accuracy']:.4f}",
                     f"{result['delta_m']:.2f}", f"{1000 * result['train_seconds'] / result['steps']:.1f}"]
         assert rows[name][1:] == expected

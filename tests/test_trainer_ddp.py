@@ -82,6 +82,8 @@ def test_mtl_train_on_two_processes_writes_one_set_of_outputs(tmp_path):
     assert result.stdout.count("outputs written to") == 1
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 4  # 128 examples / (2 processes x 32) x 2 epochs
+    assert results["environment"]["world_size"] == 2 and results["environment"]["global_train_batch_size"] == 64
+    assert "ran as 2 processes on cpu" in result.stdout
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"model.safetensors", "loss_curves.png", "config.yaml"} <= {p.name for p in out.iterdir()}
