@@ -90,6 +90,11 @@ class MultiTaskModel(PreTrainedModel):
         """Task names, in order."""
         return self.config.task_names
 
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Each task's static ``loss_weight``: the weights of ``loss`` and of training (strategies take them)."""
+        return {t["name"]: t["loss_weight"] for t in self.config.tasks}
+
     # -- task-specific connections -------------------------------------------------------------
     def add_task_connections(self, **options: Any) -> MultiTaskModel:
         """Give every task its own normalisations in the backbone (saved and reloaded with the model).
@@ -207,7 +212,7 @@ class MultiTaskModel(PreTrainedModel):
         if missing:
             raise ValueError(f"missing labels for tasks {missing}; got labels for {sorted(labels)}")
         losses = {t: self._task_loss(t, logits[t], labels[t]) for t in run}
-        loss = torch.stack([self.config.task(t)["loss_weight"] * losses[t] for t in run]).sum()
+        loss = torch.stack([self.loss_weights[t] * losses[t] for t in run]).sum()
         return MultiTaskModelOutput(loss=loss, logits=logits, losses=losses)
 
     def _task_loss(self, task: str, logits: Tensor, labels: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .loss_weights import check_loss_weights
 from .strategies.base import Strategy, Updater
 
 
@@ -28,15 +29,10 @@ def train_epoch(
     strategy: Strategy,
     batches: Iterable[Mapping[str, Any]],
     optimizer: torch.optim.Optimizer | Updater,
-    *,
-    scheduler: Any = None,
-    on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> None:
-    """One pass over ``batches``: ``strategy.step`` per batch, then one scheduler step."""
+    """One pass over ``batches``, ``strategy.step`` per batch; the strategy must weight the losses as
+    the model does (:func:`~mtl_plugins.loss_weights.strategy_for_model` builds it so)."""
+    check_loss_weights(strategy, model)
     model.train()
     for batch in batches:
-        losses = strategy.step(make_closure(model, batch), optimizer)
-        if scheduler is not None:
-            scheduler.step()
-        if on_step is not None:
-            on_step(losses)
+        strategy.step(make_closure(model, batch), optimizer)

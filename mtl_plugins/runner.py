@@ -14,14 +14,14 @@ from typing import Any
 import torch
 import yaml
 
-from . import build_architecture, build_strategy
+from . import build_architecture
 from .data import DataBundle, build_data
+from .loss_weights import strategy_for_model
 from .metrics import delta_m, task_metric
 from .metrics.paper import delta_m_selection
 from .metrics.streaming import StreamingComputeMetrics
 from .models import build_model as build_recipe_model
 from .plots import plot_loss_curves
-from .registry import STRATEGIES
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
@@ -82,12 +82,9 @@ def build_model(recipe: Mapping[str, Any], data: DataBundle) -> torch.nn.Module:
 
 
 def make_strategy(recipe: Mapping[str, Any], tasks: Sequence[str], model: torch.nn.Module):
+    """The recipe's ``strategy`` section, built for ``model`` (whose loss weights it takes)."""
     spec = recipe.get("strategy", {})
-    name = spec.get("name", "ew")
-    options = dict(spec.get("options", {}))
-    if "model" in STRATEGIES.accepted_options(name):
-        options["model"] = model
-    return build_strategy(name, tasks, **options)
+    return strategy_for_model(spec.get("name", "ew"), model, tasks, spec.get("options", {}))
 
 
 def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int) -> dict[str, float]:
@@ -203,7 +200,10 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     if mode not in ("cache", "train"):
         raise ValueError(f"baselines must be 'cache', 'train' or 'skip', got {mode!r}")
     key_source = {k: recipe.get(k) for k in ("data", "model", "training")}
-    key_source["model"] = {**(key_source["model"] or {}), "architecture": "hps"}
+    model = dict(key_source["model"] or {})
+    if "loss_weights" in (model.get("options") or {}):  # they weigh tasks against each other: not for one task
+        model["options"] = {k: v for k, v in model["options"].items() if k != "loss_weights"}
+    key_source["model"] = {**model, "architecture": "hps"}
     key_source["metrics"] = "all"  # caches that hold each task's main metric only are not reused
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # DDP baselines train with the run's global batch: not those of one process

@@ -40,7 +40,7 @@ def test_dense_recipes_are_bundled_and_follow_the_papers_setups():
         else:
             assert ("task_connections" in model["options"]) == name.endswith("-connstr")
             assert recipe["strategy"]["name"] == ("conn_strength" if name.endswith("-connstr") else "ew")
-    weights = load_recipe("nyud-connstr")["strategy"]["options"]["loss_weights"]
+    weights = load_recipe("nyud-connstr")["model"]["options"]["loss_weights"]
     assert weights == {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}
     assert load_recipe("taskonomy-sel")["strategy"]["options"]["affinity_decay"] == 1e-4
     assert len(load_recipe("taskonomy-sel")["data"]["tasks"]) == 11

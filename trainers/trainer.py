@@ -15,9 +15,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
-from mtl_plugins import build_strategy
+from mtl_plugins.loss_weights import strategy_for_model
 from mtl_plugins.param_groups import parameter_groups
-from mtl_plugins.registry import STRATEGIES, check_tasks
+from mtl_plugins.registry import check_tasks
 from mtl_plugins.strategies.base import Strategy
 from mtl_plugins.strategies.ew import EqualWeighting
 
@@ -35,22 +35,6 @@ def _resolve_tasks(model: nn.Module | None, tasks: Sequence[str] | None, strateg
     if tasks is None:
         raise ValueError("give tasks=[...]: the model has no `tasks` attribute to take them from")
     return check_tasks(tasks)
-
-
-def _make_strategy(strategy: str | Strategy, options: Mapping[str, Any] | None, tasks: list[str],
-                   model: nn.Module | None) -> Strategy:
-    if isinstance(strategy, Strategy):
-        if options:
-            raise ValueError("strategy_options apply to a strategy given by name, not to a Strategy instance")
-        if list(strategy.tasks) != tasks:
-            raise ValueError(f"the strategy's tasks {strategy.tasks} differ from the trainer's tasks {tasks}")
-        return strategy
-    if not isinstance(strategy, str):
-        raise TypeError(f"strategy must be a registered name or a Strategy instance, got {type(strategy).__name__}")
-    options = dict(options or {})
-    if "model" in STRATEGIES.accepted_options(strategy) and "model" not in options:
-        options["model"] = model
-    return build_strategy(strategy, tasks, **options)
 
 
 #: Strategies whose update is exact under gradient accumulation: one backward of a loss with
@@ -87,7 +71,7 @@ class MultiTaskTrainer(Trainer):
         if model is None:
             raise ValueError("MultiTaskTrainer needs a model (model_init is not supported)")
         self.tasks = _resolve_tasks(model, tasks, strategy)
-        self.strategy = _make_strategy(strategy, strategy_options, self.tasks, model)
+        self.strategy = strategy_for_model(strategy, model, self.tasks, strategy_options)
         args = args if args is not None else MultiTaskTrainingArguments(output_dir="trainer_output")
         self._check_compatible(model, args, train_dataset, eval_dataset)
         # Per-task losses are batch means: the token averaging of causal LM losses does not apply.
