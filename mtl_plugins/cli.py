@@ -10,6 +10,7 @@ from typing import Any
 
 from . import available_architectures, available_strategies
 from .config import apply_overrides, check_recipe, list_recipes, load_recipe
+from .recipe_checks import check_recipe_types
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     try:
         recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides, notes))
+        check_recipe_types(recipe)
     except (ValueError, FileNotFoundError) as error:
         print(f"mtl-train: error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import yaml
 
 from . import available_strategies, build_strategy
 from .config import apply_overrides, check_recipe, load_recipe
+from .recipe_checks import check_recipe_types
 from .registry import STRATEGIES
 
 DEFAULT_STRATEGIES = ("ew", "uw", "dwa", "pcgrad", "mgda", "cagrad", "imtl", "nash_mtl")
@@ -143,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     try:
         recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides, notes))
+        check_recipe_types(recipe, strategy=False)
         runs = prepare(recipe, args.strategies)
     except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
         print(f"mtl-compare: error: {error}", file=sys.stderr)
