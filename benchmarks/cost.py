@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import mtl_plugins
+import mtl_plugins.strategies  # noqa: F401  (registers the built-ins)
 from mtl_plugins.architectures.task_connections import connected_layers
 from mtl_plugins.loop import make_closure
 from mtl_plugins.registry import STRATEGIES
@@ -118,7 +119,6 @@ class Case:
     strategy: str
     options: Mapping[str, Any] = field(default_factory=dict)
     floor: str | None = None
-    connections: bool = False
     pre_steps: int = 0
 
 
@@ -131,8 +131,8 @@ def cases_for(strategy: str, grouped_after: int = 10) -> list[Case]:
     if strategy == "dwa":  # two-batch epochs: the timed steps use DWA's weights, not the first epochs' ones
         return [Case("dwa", strategy, {"steps_per_epoch": 2})]
     if strategy == "conn_strength":
-        return [Case("conn_strength (Phase 2)", strategy, {"schedule": "phase2"}, "task_passes", connections=True),
-                Case("conn_strength (Phase 1)", strategy, {"schedule": "phase1"}, "task_steps", connections=True)]
+        return [Case("conn_strength (Phase 2)", strategy, {"schedule": "phase2"}, "task_passes"),
+                Case("conn_strength (Phase 1)", strategy, {"schedule": "phase1"}, "task_steps")]
     return [Case(strategy, strategy)]
 
 
@@ -162,7 +162,8 @@ def measure_case(case: Case, setup: Setup, repeats: int, device: torch.device, m
     batches = [to_device(b, device) for b in setup.batches]
     plain = copy.deepcopy(setup.model).to(device).train()
     model = plain
-    if case.connections:
+    connections = STRATEGIES.get(case.strategy).needs_task_connections
+    if connections:
         model = copy.deepcopy(setup.model)
         mtl_plugins.build_architecture("task_connections", tasks, model=model)
         model = model.to(device).train()
@@ -214,7 +215,7 @@ def measure_case(case: Case, setup: Setup, repeats: int, device: torch.device, m
     }
     if case.strategy == "sel_update":
         row["group_steps"] = statistics.median(method_s.values)
-    if case.connections:
+    if connections:
         copies = sum(layer.weight.numel() * layer.weight.element_size() for layer in connected_layers(model))
         row["note"] = f"K copies of connected-layer gradients: {len(tasks) * copies / 2**20:.2f} MiB"
     if memory:

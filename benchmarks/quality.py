@@ -47,13 +47,17 @@ class Benchmark:
 
 
 def strategy_recipe(base: Mapping[str, Any], strategy: str, seed: int, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``base`` with ``strategy`` (the recipe's own options if it already runs it) and ``training.seed``."""
+    """``base`` with ``strategy`` (the recipe's own options if it already runs it) and ``training.seed``;
+    a strategy that needs task-specific connections gets the ``task_connections`` architecture."""
+    from mtl_plugins import strategies  # noqa: F401  (registers the built-ins)
+    from mtl_plugins.registry import STRATEGIES
+
     recipe = copy.deepcopy(dict(base))
     own = recipe.get("strategy") or {}
     chosen = dict(own.get("options") or {}) if own.get("name") == strategy else dict(options or {})
     recipe["strategy"] = {"name": strategy, "options": chosen}
     recipe["training"] = {**recipe.get("training", {}), "seed": seed}
-    if strategy == "conn_strength":
+    if STRATEGIES.get(strategy).needs_task_connections:
         recipe["model"] = {**recipe.get("model", {}), "architecture": "task_connections"}
     return recipe
 

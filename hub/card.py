@@ -42,8 +42,9 @@ def _plain(value: Any) -> bool:
 
 
 def card_fields_from_strategy(strategy: Any) -> dict[str, Any]:
-    """``method``, ``method_settings`` and, where the strategy has them, ``task_groups`` (its current
-    groups) and ``priority_stats`` (per layer, the share of channels each task has top priority on)."""
+    """``method``, ``method_settings`` (the strategy's plain-valued options) and what the strategy's
+    :meth:`~mtl_plugins.strategies.Strategy.card_fields` reports of its learned state (e.g.
+    ``task_groups``, ``priority_stats``)."""
     fields: dict[str, Any] = {"method": getattr(strategy, "name", type(strategy).__name__)}
     parameters = list(inspect.signature(type(strategy).__init__).parameters)[2:]  # self, tasks
     settings = {}
@@ -52,12 +53,7 @@ def card_fields_from_strategy(strategy: Any) -> dict[str, Any]:
         if name != "model" and value is not None and _plain(value):
             settings[name] = value
     fields["method_settings"] = settings
-    groups = getattr(strategy, "groups", None)
-    if groups is not None and _plain([list(g) for g in groups]):
-        fields["task_groups"] = [list(g) for g in groups]
-    priority = getattr(strategy, "priority", None)
-    if callable(priority):
-        fields["priority_stats"] = priority()
+    fields.update(strategy.card_fields())
     return fields
 
 

@@ -71,3 +71,35 @@ def plot_series(x: Sequence[float], series: Mapping[str, Sequence[float]], path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def plot_priority(timeline: Sequence[Mapping], tasks: Sequence[str], path: str | Path) -> Path:
+    """Task priority of ``conn_strength``: the overall share of channels each task has top priority on
+    over training (left) and the per-layer shares at the last point (right).
+
+    ``timeline`` holds points ``{"step", "overall": [K shares], "layers": {layer: [K shares]}}``.
+    """
+    plt = _pyplot()
+    final = timeline[-1]["layers"]
+    names = list(final)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2 + 0.12 * len(names)))
+    steps = [point["step"] for point in timeline]
+    for k, task in enumerate(tasks):
+        left.plot(steps, [point["overall"][k] for point in timeline], label=task, marker="." if len(steps) < 30 else None)
+    left.set_xlabel("step")
+    left.set_ylabel("share of channels (top-priority task)")
+    left.set_title("task priority, all connected layers")
+    left.legend(fontsize=7)
+    start = [0.0] * len(names)
+    for k, task in enumerate(tasks):
+        widths = [final[n][k] for n in names]
+        right.barh(range(len(names)), widths, left=start, label=task)
+        start = [s + w for s, w in zip(start, widths)]
+    right.set_yticks(range(len(names)), names, fontsize=6)
+    right.invert_yaxis()
+    right.set_xlabel("share of channels")
+    right.set_title(f"priority per layer at step {timeline[-1]['step']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

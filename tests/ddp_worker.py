@@ -86,8 +86,6 @@ class TwoStep(Strategy):
     """
 
     name = "two_step"
-    multi_step = True
-    state_attributes = ("num_steps", "orders")
 
     def __init__(self, tasks: Sequence[str], *, shuffle: bool = False, measure_last: bool = False, seed: int = 0):
         super().__init__(tasks, seed=seed)
@@ -120,6 +118,13 @@ class TwoStep(Strategy):
         self.recorded.append(first)
         self.num_steps += 1
         return first
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "orders": [list(o) for o in self.orders]}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.orders = [list(o) for o in state["orders"]]
 
 
 class PerTaskProjection(Strategy):

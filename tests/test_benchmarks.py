@@ -59,8 +59,6 @@ def test_cost_cases_pick_their_floor():
     for row in rows.values():
         for key in ("ms", "floor_ms", "ew_ms", "ratio", "cpu_ratio", "ratio_ew"):
             assert finite_positive(row[key]), (row["label"], key, row[key])
-    # the K-pass method costs several EW steps; its floor explains most of it
-    assert rows["pcgrad"]["ratio_ew"] > 2 * rows["pcgrad"]["ratio"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import yaml
+from torch import nn
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 from safetensors.torch import load
@@ -56,6 +57,25 @@ def test_card_rejects_metrics_and_groups_that_do_not_fit_the_tasks():
     assert local.data.base_model is None and "mtl_method" not in local.data.to_dict()
 
 
+def priority_from_batchnorms(model, tasks):
+    """The spec's task priority, from the shared convolutions and their per-task BatchNorms: per layer,
+    the share of channels p whose top task argmax_t S^_p^t is t, where S_p^t = gamma_{t,p}^2 /
+    (running_var_{t,p} + 1e-5) * sum_q W[p, q]^2, normalised over channels per task."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stats = {}
+    for module in model.modules():
+        norms = getattr(module, "norms", None)
+        if not isinstance(norms, nn.ModuleDict):
+            continue
+        conv = module.source
+        row_norms = conv.weight.detach().double().pow(2).flatten(1).sum(1)
+        strength = torch.stack([norms[t].weight.detach().double() ** 2 / (norms[t].running_var.double() + 1e-5)
+                                * row_norms for t in tasks])
+        top = (strength / strength.sum(1, keepdim=True)).argmax(0)
+        stats[names[id(conv)]] = [float((top == k).double().mean()) for k in range(len(tasks))]
+    return stats
+
+
 def test_card_fields_from_strategies():
     ew = card_fields_from_strategy(mtl_plugins.build_strategy("ew", ["sentiment", "score"], loss_weights={"score": 2.0}))
     assert ew == {"method": "ew", "method_settings": {"loss_weights": {"sentiment": 1.0, "score": 2.0}, "seed": 0}}
@@ -68,9 +88,19 @@ def test_card_fields_from_strategies():
     torch.manual_seed(0)
     model = MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=DENSE_TASKS[:2])).add_task_connections()
     strategy = mtl_plugins.build_strategy("conn_strength", model.tasks, model=model, schedule="phase2")
+    with torch.no_grad():  # distinct per-task BatchNorm scales and variances, so each task leads some channels
+        for module in model.modules():
+            if isinstance(getattr(module, "norms", None), nn.ModuleDict):
+                for norm in module.norms.values():
+                    norm.weight.uniform_(0.5, 1.5)
+                    norm.running_var.uniform_(0.5, 2.0)
     fields = card_fields_from_strategy(strategy)
     assert fields["method"] == "conn_strength" and fields["method_settings"]["schedule"] == "phase2"
-    assert fields["priority_stats"] == strategy.priority() and len(fields["priority_stats"]) > 0
+    expected = priority_from_batchnorms(model, model.tasks)
+    assert set(fields["priority_stats"]) == set(expected) and len(expected) > 0
+    for layer, shares in expected.items():
+        assert fields["priority_stats"][layer] == pytest.approx(shares, abs=1e-6)
+    assert any(0 < s < 1 for shares in expected.values() for s in shares)  # the oracle is not trivial
     card = build_model_card(model.config, **fields)
     layer, shares = next(iter(fields["priority_stats"].items()))
     assert card.data.mtl_priority_stats == fields["priority_stats"]

@@ -59,8 +59,8 @@ def test_resume_true_takes_the_last_checkpoint_and_checks_the_strategy(tmp_path)
 def test_a_state_that_cannot_be_checkpointed_is_refused_before_training(tmp_path):
     model, data, tasks = setup("ew")
     strategy = make_strategy("ew", model, tasks)
-    strategy.state_attributes = (*strategy.state_attributes, "callback")
-    strategy.callback = lambda: None  # not loadable with weights_only=True
+    state_dict = strategy.state_dict
+    strategy.state_dict = lambda: {**state_dict(), "callback": lambda: None}  # not loadable with weights_only=True
     args = ddp_args(str(tmp_path), 8, 4, save_strategy="steps", save_steps=2)
     with pytest.raises(TypeError, match="'ew' state cannot be checkpointed safely"):
         MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=strategy, tasks=tasks)

@@ -19,7 +19,6 @@ from mtl_plugins.loss_weights import strategy_for_model
 from mtl_plugins.param_groups import parameter_groups
 from mtl_plugins.registry import check_tasks
 from mtl_plugins.strategies.base import Strategy
-from mtl_plugins.strategies.ew import EqualWeighting
 
 from .arguments import MultiTaskTrainingArguments
 from .checkpoint import check_checkpointable, load_strategy_state, save_strategy_state
@@ -35,11 +34,6 @@ def _resolve_tasks(model: nn.Module | None, tasks: Sequence[str] | None, strateg
     if tasks is None:
         raise ValueError("give tasks=[...]: the model has no `tasks` attribute to take them from")
     return check_tasks(tasks)
-
-
-#: Strategies whose update is exact under gradient accumulation: one backward of a loss with
-#: static weights (dynamic weightings would update their state once per micro-batch).
-ACCUMULATING_STRATEGIES: tuple[type[Strategy], ...] = (EqualWeighting,)
 
 
 def _missing_columns(dataset: Any, tasks: list[str]) -> list[str]:
@@ -89,7 +83,6 @@ class MultiTaskTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the model's forward gets the batch only
         self._signature_columns = self._input_columns(model)
         self.updater: AcceleratedUpdater | None = None
-        self._progress_takes_epoch = "epoch" in inspect.signature(self.strategy.set_progress).parameters
         self._task_loss_sum = torch.zeros(len(self.tasks), dtype=torch.float64)
         self._task_loss_count = 0
         #: False when the train dataloader has no length, so epoch-based progress is impossible.
@@ -142,7 +135,7 @@ class MultiTaskTrainer(Trainer):
         (``gradient_accumulation_kwargs={"num_steps": n}``) sets the effective count only there.
         """
         steps = (args or self.args).gradient_accumulation_steps
-        if steps > 1 and not isinstance(self.strategy, ACCUMULATING_STRATEGIES):
+        if steps > 1 and not self.strategy.supports_accumulation:
             raise ValueError(
                 f"gradient_accumulation_steps={steps} cannot be used with strategy {self.strategy.name!r}: it works "
                 "on each batch as a whole (several optimizer steps, per-task gradients or loss weights updated per "
@@ -252,10 +245,7 @@ class MultiTaskTrainer(Trainer):
         updater = self._get_updater()
         divisor = self.current_gradient_accumulation_steps if self.args.gradient_accumulation_steps > 1 else 1
         updater.begin_batch(divisor)
-        if self._progress_takes_epoch:
-            self.strategy.set_progress(self.training_progress(), epoch=math.floor(self.state.epoch or 0.0))
-        else:
-            self.strategy.set_progress(self.training_progress())
+        self.strategy.set_progress(self.training_progress(), epoch=math.floor(self.state.epoch or 0.0))
         with self.accelerator.no_sync(model):
             losses = self.strategy.step(self._closure(model, inputs), updater)
         if not updater.deferred:

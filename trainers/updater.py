@@ -52,8 +52,7 @@ class AcceleratedUpdater(Updater):
         self.deferred = False
         #: Gradient norm (before clipping) of the last step taken here, or None.
         self.last_grad_norm: Tensor | None = None
-        #: Optimizer steps taken / skipped (fp16 overflow) inside batches.
-        self.inner_steps = 0
+        #: Optimizer steps skipped (fp16 overflow) inside batches.
         self.skipped_steps = 0
 
     def begin_batch(self, loss_divisor: float = 1.0) -> None:
@@ -83,7 +82,6 @@ class AcceleratedUpdater(Updater):
             self.last_grad_norm = self.accelerator.clip_grad_norm_(self.params, float("inf"))
         self.optimizer.step()
         skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
-        self.inner_steps += 1
         self.skipped_steps += int(skipped)
         return not skipped
 

@@ -9,7 +9,6 @@ and returns per-task scalar losses (all tasks, or one task through its task-spec
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -90,20 +89,21 @@ def losses_to_floats(losses: Mapping[str, Tensor], tasks: Sequence[str]) -> list
 class Strategy:
     """Base class of every strategy plugin.
 
-    Subclasses implement :meth:`step`. Attributes named in ``state_attributes`` are saved by
-    :meth:`state_dict` (deep-copied) together with the strategy's RNG.
+    Subclasses implement :meth:`step`. :meth:`state_dict` holds the step counter, the progress and
+    the strategy's RNG; subclasses with more state extend it (``{**super().state_dict(), ...}``) and
+    :meth:`load_state_dict` (calling ``super().load_state_dict(state)`` first).
     """
 
     name: str = "strategy"
-    #: True when the strategy takes several optimizer steps per batch.
-    multi_step: bool = False
     #: True when the strategy calls the closure with a task name (needs task-specific paths).
     needs_task_forward: bool = False
     #: True when the strategy needs a model with task-specific connections (architecture ``task_connections``).
     needs_task_connections: bool = False
     #: True when the strategy reads whether its final step was applied, so trainers must not defer that step.
     needs_step_outcome: bool = False
-    state_attributes: tuple[str, ...] = ("num_steps",)
+    #: True when the update is exact under gradient accumulation: one backward of a loss with static
+    #: weights and no state updated per batch (trainers refuse accumulation for every other strategy).
+    supports_accumulation: bool = False
 
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         self.tasks = list(tasks)
@@ -121,8 +121,9 @@ class Strategy:
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
         raise NotImplementedError
 
-    def set_progress(self, progress: float) -> None:
-        """Training progress in [0, 1] (epoch e / E or step / total); used by scheduled methods."""
+    def set_progress(self, progress: float, epoch: int | None = None) -> None:
+        """Training progress in [0, 1] (epoch e / E or step / total) and, when the caller knows it, the
+        current 0-based ``epoch``; used by scheduled methods (the base class ignores the epoch)."""
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress must be in [0, 1], got {progress}")
         self.progress = float(progress)
@@ -136,23 +137,26 @@ class Strategy:
         """Scalars describing the strategy's current state, for trainer logs."""
         return {}
 
+    def card_fields(self) -> dict[str, Any]:
+        """What a model card reports of the strategy's learned state (e.g. ``task_groups``,
+        ``priority_stats``); plain JSON values. Default: nothing."""
+        return {}
+
     def write_plots(self, out_dir: str | Path) -> list[Path]:
         """Write PNG plots of the strategy's state over training; returns the files written."""
         return []
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {name: copy.deepcopy(getattr(self, name)) for name in self.state_attributes}
-        state["rng_state"] = self.generator.get_state()
-        state["progress"] = self.progress
-        return state
+        """Everything :meth:`load_state_dict` needs to resume exactly (copies, not references)."""
+        return {"num_steps": self.num_steps, "progress": self.progress, "rng_state": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = [n for n in (*self.state_attributes, "rng_state") if n not in state]
+        """Restore :meth:`state_dict`; raises ``KeyError`` naming missing entries before changing anything."""
+        missing = [n for n in self.state_dict() if n not in state and n != "progress"]
         if missing:
             raise KeyError(f"{self.name} state is missing {missing}")
-        for name in self.state_attributes:
-            setattr(self, name, copy.deepcopy(state[name]))
+        self.num_steps = int(state["num_steps"])
         self.generator.set_state(state["rng_state"])
         self.progress = float(state.get("progress", 0.0))
 

@@ -12,6 +12,7 @@ unless the updater's backward already averages them (``updater.averages_gradient
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -88,7 +89,8 @@ class ConnectionStrength(Strategy):
 
     needs_task_forward = True
     needs_task_connections = True
-    state_attributes = ("num_steps", "last_phase", "phase_counts", "timeline", "epoch", "drawn_epoch", "epoch_phase")
+    #: What :meth:`state_dict` saves besides the base state.
+    _state_names = ("last_phase", "phase_counts", "timeline", "epoch", "drawn_epoch", "epoch_phase")
 
     def __init__(
         self,
@@ -127,7 +129,6 @@ class ConnectionStrength(Strategy):
         self.model = model
         self.schedule, self.switch_point, self.draw, self.epochs = schedule, float(switch_point), draw, epochs
         self.max_timeline = max_timeline
-        self.multi_step = schedule != "phase2"
         self.last_phase: int | None = None
         self.phase_counts = [0, 0]
         self.timeline: list[dict[str, Any]] = []
@@ -271,33 +272,22 @@ class ConnectionStrength(Strategy):
                 metrics[f"priority/{name}/{task}"] = share
         return metrics
 
+    def card_fields(self) -> dict[str, Any]:
+        """``priority_stats``: per connected layer, the share of channels each task has top priority on."""
+        return {"priority_stats": self.priority()}
+
     def write_plots(self, out_dir: str | Path) -> list[Path]:
         """``conn_strength_priority.png``: priority shares over training and per layer at the end."""
-        from ..plots import _pyplot
+        from ..plots import plot_priority
 
         self._record(self.priority())
-        plt = _pyplot()
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2 + 0.12 * len(self.layers)))
-        steps = [point["step"] for point in self.timeline]
-        for k, task in enumerate(self.tasks):
-            left.plot(steps, [point["overall"][k] for point in self.timeline], label=task, marker="." if len(steps) < 30 else None)
-        left.set_xlabel("step")
-        left.set_ylabel("share of channels (top-priority task)")
-        left.set_title("task priority, all connected layers")
-        left.legend(fontsize=7)
-        final = self.timeline[-1]["layers"]
-        names = list(final)
-        start = [0.0] * len(names)
-        for k, task in enumerate(self.tasks):
-            widths = [final[n][k] for n in names]
-            right.barh(range(len(names)), widths, left=start, label=task)
-            start = [s + w for s, w in zip(start, widths)]
-        right.set_yticks(range(len(names)), names, fontsize=6)
-        right.invert_yaxis()
-        right.set_xlabel("share of channels")
-        right.set_title(f"priority per layer at step {self.timeline[-1]['step']}")
-        fig.tight_layout()
-        path = Path(out_dir) / "conn_strength_priority.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return [plot_priority(self.timeline, self.tasks, Path(out_dir) / "conn_strength_priority.png")]
+
+    # -- persistence -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **copy.deepcopy({name: getattr(self, name) for name in self._state_names})}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        for name in self._state_names:
+            setattr(self, name, copy.deepcopy(state[name]))

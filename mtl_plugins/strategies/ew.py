@@ -14,6 +14,8 @@ from .base import WeightingStrategy
 class EqualWeighting(WeightingStrategy):
     """``L = sum_t w_t L_t`` with static weights ``w_t`` (default 1), one optimizer step per batch."""
 
+    supports_accumulation = True  # one backward of a statically weighted loss, no per-batch state
+
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
 

@@ -12,6 +12,7 @@ batch's optimizer steps have already been applied, so training must resume from 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -81,9 +82,9 @@ class SelectiveGroupUpdate(Strategy):
     mode, like the others, so it also updates BatchNorm running statistics.
     """
 
-    multi_step = True
-    state_attributes = ("num_steps", "affinity", "groups", "history", "group_count_changes",
-                        "clustering_failures", "grouping_note", "last_loss_decrease")
+    #: What :meth:`state_dict` saves besides the base state.
+    _state_names = ("affinity", "groups", "history", "group_count_changes", "clustering_failures", "grouping_note",
+                    "last_loss_decrease")
 
     def __init__(
         self,
@@ -273,6 +274,10 @@ class SelectiveGroupUpdate(Strategy):
             counts += [count, count]
         return steps, counts
 
+    def card_fields(self) -> dict[str, Any]:
+        """``task_groups``: the latest batch's groups."""
+        return {"task_groups": [list(g) for g in self.groups]}
+
     def write_plots(self, out_dir: str | Path) -> list[Path]:
         """``sel_update_affinity.png`` (heatmap) and ``sel_update_num_groups.png`` (timeline)."""
         from ..plots import plot_heatmap, plot_series
@@ -290,9 +295,9 @@ class SelectiveGroupUpdate(Strategy):
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Affinity, groups, counters, history window and RNG (plain containers: loads with weights_only)."""
-        state = super().state_dict()
+        state = copy.deepcopy({name: getattr(self, name) for name in self._state_names})
         state["history"] = list(state["history"])
-        return state
+        return {**super().state_dict(), **state}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         affinity = state.get("affinity")
@@ -306,5 +311,7 @@ class SelectiveGroupUpdate(Strategy):
             raise ValueError(f"sel_update state has groups {state.get('groups')}, which do not partition "
                              f"tasks {self.tasks}")
         super().load_state_dict(state)
+        for name in self._state_names:
+            setattr(self, name, copy.deepcopy(state[name]))
         self.affinity = self.affinity.to(torch.float64)
         self.history = deque(self.history, maxlen=self.history_window)

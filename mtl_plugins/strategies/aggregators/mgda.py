@@ -1,0 +1,24 @@
+"""MGDA (Sener & Koltun 2018, LibMTL ``MGDA``), torchjd's Gramian weighting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ...registry import register_strategy
+from .base import TorchJDWeighting
+
+
+@register_strategy("mgda", aliases=("MGDA",))
+class MGDA(TorchJDWeighting):
+    """MGDA (Sener & Koltun 2018): the minimum-norm point of the convex hull of the task gradients
+    (Frank-Wolfe; tolerance and iterations of the authors' MinNormSolver)."""
+
+    method = "mgda"
+
+    def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
+                 loss_weights: dict[str, float] | None = None, seed: int = 0,
+                 epsilon: float = 1e-5, max_iters: int = 250):
+        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
+        self.build_weighting(epsilon=epsilon, max_iters=max_iters)

@@ -1,0 +1,75 @@
+"""The two Gramian solvers written here (torchjd's versions need cvxpy): CAGrad's dual and Nash-MTL's
+bargaining equation. Both take the K x K Gramian ``J J^T`` and return K weights (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def cagrad_weights(gramian: Tensor, c: float, rescale: int = 1) -> Tensor:
+    """CAGrad's weights (Liu et al. 2021, the authors' dual with scipy SLSQP).
+
+    Solves ``min_{w in simplex} w^T G g0_w + c ||g0|| sqrt(w^T G w)`` (``g0_w = 1/K``), then
+    ``d = g0 + c ||g0|| / ||g_w|| * g_w``, divided by ``1 + c^2`` (rescale 1) or ``1 + c`` (2).
+    """
+    from scipy.optimize import minimize
+
+    g = gramian.detach().cpu().double().numpy()
+    k = g.shape[0]
+    size = np.trace(g) / k
+    base = np.full(k, 1.0 / k)
+    if size <= 0:
+        return torch.zeros(k, dtype=torch.float64)
+    a = g / size  # weights are invariant to the Gramian's scale; this keeps the solver well scaled
+    coef = c * math.sqrt(max(base @ a @ base, 0.0))
+    eps = 1e-12
+
+    def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+        aw = a @ w
+        norm = math.sqrt(max(w @ aw, 0.0) + eps)
+        return float(aw @ base + coef * norm), a @ base + coef * aw / norm
+
+    result = minimize(objective, base, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * k,
+                      constraints=({"type": "eq", "fun": lambda w: 1.0 - w.sum(), "jac": lambda w: -np.ones(k)},),
+                      options={"ftol": 1e-14, "maxiter": 500})
+    w = np.clip(result.x, 0.0, None)
+    w = w / w.sum()
+    gw_norm = math.sqrt(max(w @ a @ w, 0.0))
+    weights = base + (coef / gw_norm) * w if gw_norm > 1e-12 else base
+    divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
+    return torch.from_numpy(weights / divisor)
+
+
+def nash_weights(gramian: Tensor, max_iters: int = 100, tol: float = 1e-10) -> Tensor:
+    """Nash-MTL's bargaining weights: the ``alpha > 0`` with ``G alpha = 1 / alpha`` (Navon et al. 2022).
+
+    It is the minimiser of the convex ``alpha^T G alpha / 2 - sum log alpha``, found by damped
+    Newton steps on the Frobenius-normalised Gramian (a tiny ridge keeps zero-gradient tasks finite).
+    """
+    g = gramian.detach().cpu().double()
+    norm = float(torch.linalg.matrix_norm(g))
+    k = g.shape[0]
+    if norm == 0.0:
+        return torch.zeros(k, dtype=torch.float64)
+    m = g / norm + 1e-10 * torch.eye(k, dtype=torch.float64)
+    alpha = 1.0 / torch.sqrt(torch.diagonal(m))
+
+    def objective(a: Tensor) -> float:
+        return float(0.5 * a @ m @ a - torch.log(a).sum())
+
+    for _ in range(max_iters):
+        grad = m @ alpha - 1.0 / alpha
+        if float(grad.norm()) < tol:
+            break
+        step = torch.linalg.solve(m + torch.diag(1.0 / alpha**2), grad)
+        t, current = 1.0, objective(alpha)
+        while bool((alpha - t * step <= 0).any()) or objective(alpha - t * step) > current - 1e-4 * t * float(grad @ step):
+            t *= 0.5
+            if t < 1e-12:
+                break
+        alpha = alpha - t * step
+    return alpha / math.sqrt(norm)

@@ -1,0 +1,128 @@
+"""Per-task gradients of one batch: the K x n Jacobian of the shared parameters and the task-specific sums.
+
+As in LibMTL with ``rep_grad=False``: each task's gradient w.r.t. ``model.get_share_params()`` is
+one row of a K x n Jacobian ``J``. Task-specific parameters receive their own task's gradient.
+
+:func:`task_gradients` works through the updater:
+
+1. for each task ``t``: ``updater.zero_grad()``, a forward pass through ``t``'s path
+   (``closure(task=t)``), ``updater.backward(w_t * L_t)``, and a copy of the gradients. K forward
+   passes rather than one retained graph keep every backward an ordinary one for the updater
+   (distributed hooks, loss scaling);
+2. the Jacobian (and the task-specific gradients) are averaged across processes, by
+   ``updater.reduce_`` unless the updater's backward already averaged each gradient
+   (``updater.averages_gradients``, as the Trainer's updater does), so every process aggregates the
+   same matrix;
+3. the gradients are divided by ``updater.loss_scale`` (several aggregators are not
+   scale-equivariant); :func:`write_gradients` multiplies the combined direction back by the loss
+   scale, because ``updater.step`` unscales what it finds in ``p.grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import Closure, Updater, losses_to_floats
+
+
+def split_model_parameters(model: nn.Module | None, strategy: str) -> tuple[list[Tensor], list[Tensor]]:
+    """(shared, task-specific) trainable parameters of ``model`` (unwrapping ``.module`` wrappers)."""
+    if model is None:
+        raise ValueError(
+            f"strategy {strategy!r} aggregates the shared parameters' Jacobian: build it with "
+            "model=<a model with get_share_params()> (the runner passes it)"
+        )
+    inner = model
+    while not hasattr(inner, "get_share_params") and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    if not hasattr(inner, "get_share_params"):
+        raise TypeError(f"strategy {strategy!r} needs a model with get_share_params(); got {type(model).__name__}")
+    shared_ids = {id(p) for p in inner.get_share_params()}
+    shared = [p for p in inner.parameters() if p.requires_grad and id(p) in shared_ids]
+    specific = [p for p in inner.parameters() if p.requires_grad and id(p) not in shared_ids]
+    if not shared:
+        raise ValueError(f"strategy {strategy!r}: the model has no trainable shared parameters")
+    return shared, specific
+
+
+@dataclass
+class TaskGradients:
+    """Per-task losses and gradients of one batch, averaged across processes and unscaled."""
+
+    losses: list[float]
+    #: K x n: row t is task t's gradient w.r.t. the shared parameters, flattened.
+    jacobian: Tensor
+    #: For each task-specific parameter, ``sum_t c_t grad_t`` (None if no task reached it).
+    specific: list[Tensor | None]
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.jacobian).all()) and all(
+            bool(torch.isfinite(g).all()) for g in self.specific if g is not None
+        )
+
+
+def task_gradients(
+    closure: Closure,
+    updater: Updater,
+    tasks: Sequence[str],
+    loss_weights: dict[str, float],
+    shared: Sequence[Tensor],
+    specific: Sequence[Tensor],
+    coefficients: Sequence[float] | None = None,
+) -> TaskGradients:
+    """One forward/backward per task through the updater; see the module docstring.
+
+    ``coefficients`` weight each task's contribution to the task-specific sums (default 1).
+    """
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
+    rows: list[Tensor] = []
+    specific_sum: list[Tensor | None] = [None] * len(specific)
+    values: list[float] = []
+    for k, task in enumerate(tasks):
+        updater.zero_grad()
+        losses = closure(task=task)
+        values += losses_to_floats(losses, [task])
+        updater.backward(loss_weights[task] * losses[task])
+        rows.append(torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in shared
+        ]))
+        coefficient = 1.0 if coefficients is None else float(coefficients[k])
+        for i, p in enumerate(specific):
+            if p.grad is not None:
+                g = coefficient * p.grad.to(dtype)
+                specific_sum[i] = g if specific_sum[i] is None else specific_sum[i] + g
+    jacobian = torch.stack(rows)
+    present = [g for g in specific_sum if g is not None]
+    if not updater.averages_gradients:
+        updater.reduce_([jacobian, *present])
+    scale = float(updater.loss_scale)
+    if scale != 1.0:
+        jacobian /= scale
+        for g in present:
+            g /= scale
+    return TaskGradients(values, jacobian, specific_sum)
+
+
+def write_gradients(
+    shared: Sequence[Tensor], direction: Tensor, specific: Sequence[Tensor],
+    specific_grads: Sequence[Tensor | None], scale: float,
+) -> None:
+    """Store ``direction`` (shared) and ``specific_grads`` in ``p.grad``, multiplied by ``scale``."""
+    offset = 0
+    for p in shared:
+        chunk = direction[offset : offset + p.numel()]
+        p.grad = (chunk * scale).reshape(p.shape).to(p.dtype)
+        offset += p.numel()
+    for p, g in zip(specific, specific_grads):
+        p.grad = None if g is None else (g * scale).to(p.dtype)
+
+
+def check_non_finite(grads: TaskGradients, updater: Updater, tasks: Sequence[str], strategy: str) -> None:
+    """Without loss scaling a non-finite gradient is an error; with it, the updater skips the step."""
+    if updater.loss_scale == 1.0:
+        bad = [t for t, row in zip(tasks, grads.jacobian) if not bool(torch.isfinite(row).all())]
+        raise FloatingPointError(f"{strategy}: non-finite gradients for tasks {bad or list(tasks)}")
