@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"mtl-train: error: {one_line(error)}", file=sys.stderr)
         return 2
-    for note in notes:
+    for note in notes if int(os.environ.get("RANK", "0")) == 0 else ():
         print(f"mtl-train: note: {note}", file=sys.stderr)
     from .runner import describe_environment, is_main_process, run_recipe
 

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from . import available_strategies, build_strategy
-from .config import apply_overrides, check_recipe, load_recipe
+from .config import apply_overrides, check_recipe, list_recipes, load_recipe
 from .recipe_checks import check_recipe_types
 from .registry import STRATEGIES
 
@@ -83,12 +83,14 @@ def compare(recipe: Mapping[str, Any], specs: Sequence[str], output_dir: str | P
 
 def run_all(runs: Sequence[tuple[str, Mapping[str, Any]]], output_dir: str | Path,
             baselines: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Run prepared ``(label, recipe)`` pairs (see :func:`prepare`) into ``output_dir/<label>``."""
+    """Run prepared ``(label, recipe)`` pairs (see :func:`prepare`) into ``output_dir/<label>``.
+
+    With single-task baselines, the last row is their reference (``strategy``: ``single-task``)."""
     from .runner import run_recipe
 
     out = Path(output_dir)
     mode = baselines or runs[0][1].get("baselines", "cache")
-    rows = []
+    rows, reference = [], None
     for i, (label, run) in enumerate(runs):
         folder = out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
         # single-task baselines are trained at most once: later runs read them from the cache
@@ -101,25 +103,56 @@ def run_all(runs: Sequence[tuple[str, Mapping[str, Any]]], output_dir: str | Pat
             "ms_per_batch": 1000.0 * summary["train_seconds"] / max(int(summary["steps"]), 1),
             "steps": summary["steps"],
         })
-    return rows
+        if reference is None and "single_task_metrics" in summary:
+            single = summary["single_task_metrics"]
+            reference = {"strategy": SINGLE_TASK, **{m: single.get(m) for m in summary["test_metrics"]},
+                         "delta_m": 0.0, "ms_per_batch": None, "steps": summary["steps"],
+                         "chance": {m: c for m, c in summary.get("chance_metrics", {}).items() if m in single}}
+    return rows + ([reference] if reference is not None else [])
+
+
+#: The label of the single-task reference row.
+SINGLE_TASK = "single-task"
+
+
+def near_chance(rows: Sequence[Mapping[str, Any]], margin: float = 0.2) -> list[str]:
+    """Warnings for single-task reference accuracies within ``margin`` of the way from chance
+    (``1 / classes``) to 1: Delta_m against such baselines says little."""
+    warnings = []
+    for row in rows:
+        for metric, chance in (row.get("chance") or {}).items():
+            value = row.get(metric)
+            if value is not None and value < chance + margin * (1.0 - chance):
+                warnings.append(f"warning: the single-task baseline of {metric} ({value:.4f}) is near chance "
+                                f"({chance:.4f}): train longer (training.max_steps, training.num_train_epochs) "
+                                "for a meaningful Delta_m")
+    return warnings
+
+
+def header(recipe_name: str, recipe: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """``recipe quickstart, 30 steps, seed 0, baselines ...``: what the table compares."""
+    training = recipe.get("training") or {}
+    steps = sorted({int(r["steps"]) for r in rows})
+    return (f"recipe {recipe_name}, {'/'.join(map(str, steps))} steps, seed {training.get('seed', 0)}, "
+            f"tasks {', '.join(str(t) for t in (recipe.get('data') or {}).get('tasks') or ['all'])}")
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table: strategy, each metric, Delta_m (%), ms per batch."""
     metrics = [k for k in rows[0] if "/" in k]
-    header = ["strategy", *metrics, "delta_m (%)", "ms/batch"]
+    table_header = ["strategy", *metrics, "delta_m (%)", "ms/batch"]
 
     def cell(value: Any, digits: int) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     body = [[r["strategy"], *(cell(r[m], 4) for m in metrics), cell(r["delta_m"], 2), cell(r["ms_per_batch"], 1)]
             for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    widths = [max(len(line[i]) for line in [table_header, *body]) for i in range(len(table_header))]
 
     def fmt(line: Sequence[str]) -> str:
         return "| " + " | ".join(v.ljust(w) for v, w in zip(line, widths)) + " |"
 
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
+    return "\n".join([fmt(table_header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a recipe once per strategy and print one comparison table.",
         epilog="Example: mtl-compare quickstart training.num_train_epochs=1 --strategies ew pcgrad cagrad:c=0.5",
     )
-    parser.add_argument("recipe", help="bundled recipe name or path to a YAML recipe")
+    parser.add_argument("recipe", nargs="?", help="bundled recipe name or path to a YAML recipe")
     parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value (values are YAML)")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                        help=f"strategies as name or name:key=value,... (default: {' '.join(DEFAULT_STRATEGIES)})")
+                        help=f"strategies as name or name:key=value,... (default: {' '.join(DEFAULT_STRATEGIES)}); "
+                             "the recipe and key=value overrides may also come after them")
     parser.add_argument("--output-dir", default="runs/compare", help="folder for every run and the table")
     parser.add_argument("--baselines", choices=("cache", "train", "skip"),
                         help="single-task baselines for Delta_m: cached, retrained once, or skipped")
@@ -139,8 +173,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_override(item: str) -> bool:
+    """True for ``key=value`` (a recipe override), False for ``name`` or ``name:key=value`` (a strategy)."""
+    key, sep, _ = item.partition("=")
+    return bool(sep) and ":" not in key
+
+
+def is_recipe(item: str) -> bool:
+    return item in list_recipes() or item.endswith((".yaml", ".yml"))
+
+
+def sort_arguments(args: argparse.Namespace) -> None:
+    """Take the recipe and its overrides out of ``--strategies`` (which takes every word after it),
+    so that ``--strategies`` may come before the recipe or before the overrides."""
+    specs = []
+    for item in args.strategies:
+        if is_override(item):
+            args.overrides.append(item)
+        elif args.recipe is None and is_recipe(item):
+            args.recipe = item
+        else:
+            specs.append(item)
+    args.strategies = specs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sort_arguments(args)
+    if args.recipe is None:
+        parser.print_usage(sys.stderr)
+        print("mtl-compare: error: give a recipe (a bundled name or a YAML path)", file=sys.stderr)
+        return 2
     notes: list[str] = []
     try:
         recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides, notes))
@@ -151,13 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in notes:
         print(f"mtl-compare: note: {note}", file=sys.stderr)
-    rows = run_all(runs, args.output_dir, args.baselines, progress=not args.no_progress)
-    table = format_table(rows)
+    try:
+        rows = run_all(runs, args.output_dir, args.baselines, progress=not args.no_progress)
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        print(f"mtl-compare: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    lines = [header(args.recipe, recipe, rows), "", format_table(rows), *near_chance(rows)]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(table + "\n")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
-    print(table)
+    print("\n".join(lines))
     print(f"outputs written to {out}")
     return 0
 

@@ -130,6 +130,12 @@ def split_metrics(results: Mapping[str, Any], data: DataBundle, prefix: str = "t
     return {"main": main, "all": every}
 
 
+def chance_metrics(data: DataBundle) -> dict[str, float]:
+    """``{"<task>/accuracy": 1 / classes}``: the accuracy of guessing, for classification tasks."""
+    return {f"{t}/accuracy": 1.0 / spec.num_outputs for t, spec in data.task_specs.items()
+            if spec.kind == "classification" and spec.metric == "accuracy" and spec.num_outputs > 1}
+
+
 def is_main_process() -> bool:
     """False on every process but the first of a distributed launch (torchrun, accelerate launch)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -361,6 +367,7 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
         "test_metrics": metrics,
         "all_test_metrics": result["all_metrics"],
         "environment": result["environment"],
+        "chance_metrics": chance_metrics(data),
     }
     reference = single_task_baselines(recipe, tasks, baselines or recipe.get("baselines", "cache"), progress)
     if reference is not None:

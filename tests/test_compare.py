@@ -55,14 +55,24 @@ def test_missing_extra_stops_before_any_training(monkeypatch, tmp_path, capsys):
 def test_table_reports_each_runs_metrics_delta_m_and_time(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    code = compare.main(["quickstart", *SMALL, "--strategies", "ew", "pcgrad", "--baselines", "train",
+    # --strategies before the recipe, overrides after --strategies
+    code = compare.main(["--strategies", "ew", "pcgrad", "quickstart", *SMALL, "--baselines", "train",
                          "--output-dir", str(out), "--no-progress"])
     assert code == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    stdout = capsys.readouterr().out
+    assert stdout.splitlines()[0] == "recipe quickstart, 2 steps, seed 0, tasks left, right"
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["strategy", "left/accuracy", "right/accuracy", "delta_m (%)", "ms/batch"]
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
-    assert set(rows) == {"ew", "pcgrad"}
+    assert set(rows) == {"ew", "pcgrad", "single-task"}
+    single = json.loads((out / "ew" / "results.json").read_text())["single_task_metrics"]
+    assert rows["single-task"][1:] == [f"{single['left/accuracy']:.4f}", f"{single['right/accuracy']:.4f}", "0.00",
+                                       "n/a"]
+    # two steps leave the 10-class baselines near chance (0.1): the table says so
+    for task in ("left", "right"):
+        near = single[f"{task}/accuracy"] < 0.1 + 0.2 * 0.9
+        assert (f"warning: the single-task baseline of {task}/accuracy" in stdout) == near
     saved = json.loads((out / "comparison.json").read_text())
     for name in ("ew", "pcgrad"):
         result = json.loads((out / name / "results.json").read_text())
@@ -72,7 +82,7 @@ def test_table_reports_each_runs_metrics_delta_m_and_time(monkeypatch, tmp_path,
                     f"{result['delta_m']:.2f}", f"{1000 * result['train_seconds'] / result['steps']:.1f}"]
         assert rows[name][1:] == expected
         assert next(r for r in saved if r["strategy"] == name)["delta_m"] == result["delta_m"]
-    assert (out / "comparison.md").read_text().splitlines()[0] == lines[0]
+    assert (out / "comparison.md").read_text().splitlines()[2] == lines[0]
 
 
 def test_table_without_baselines_shows_no_delta_m():
@@ -135,3 +145,24 @@ def test_conn_strength_run_on_a_hub_model_saves_a_folder_that_reloads(recipe_nam
 def test_unknown_recipe_keys_are_an_error(capsys):
     assert compare.main(["quickstart", "strategy.nmae=pcgrad", "--strategies", "ew"]) == 2
     assert "nmae" in capsys.readouterr().err
+
+
+def test_overrides_after_strategies_are_taken_as_overrides(tmp_path, capsys):
+    # a wrong type in an override given after --strategies is reported as the override's error
+    assert compare.main(["quickstart", "--strategies", "ew", "cagrad:c=0.5", "training.max_steps=x",
+                         "--output-dir", str(tmp_path)]) == 2
+    assert "training.max_steps should be int, got 'x'" in capsys.readouterr().err
+    args = compare.build_parser().parse_args(["--strategies", "ew", "cagrad:c=0.5", "quickstart", "data.seed=1"])
+    compare.sort_arguments(args)
+    assert (args.recipe, args.strategies, args.overrides) == ("quickstart", ["ew", "cagrad:c=0.5"], ["data.seed=1"])
+    assert compare.main(["--strategies", "ew"]) == 2
+    assert "give a recipe" in capsys.readouterr().err
+
+
+def test_near_chance_warning_reads_each_baseline_against_its_chance_level():
+    rows = [{"strategy": "single-task", "a/accuracy": 0.25, "b/accuracy": 0.9, "c/accuracy": 0.55,
+             "chance": {"a/accuracy": 0.1, "b/accuracy": 0.5, "c/accuracy": 0.5}}]
+    warnings = compare.near_chance(rows)
+    # a: 0.25 < 0.1 + 0.2 * 0.9 = 0.28; c: 0.55 < 0.5 + 0.2 * 0.5 = 0.6; b is far above chance
+    assert [w.split(" (")[0] for w in warnings] == ["warning: the single-task baseline of a/accuracy",
+                                                     "warning: the single-task baseline of c/accuracy"]
