@@ -15,6 +15,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
 
+#: Options a plugin receives from the caller's context rather than from the user's recipe.
+CONTEXT_OPTIONS = ("model",)
+
+
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     """Validate a task list: non-empty, strings, no duplicates. Returns it as a list."""
     if isinstance(tasks, str) or not isinstance(tasks, Sequence):
