@@ -201,11 +201,11 @@ def check_recipe_types(recipe: Mapping[str, Any], strategy: bool = True) -> None
     if not strategy:
         return
     from . import available_strategies
-    from .registry import CONTEXT_OPTIONS, STRATEGIES
+    from .registry import STRATEGIES
 
     section = recipe.get("strategy", {})
     available_strategies()
     name = STRATEGIES.resolve(section.get("name", "ew"))
     named, _ = builder_options(STRATEGIES.get(name).__init__, 2)  # self, tasks
-    named = {k: a for k, a in named.items() if k not in CONTEXT_OPTIONS}
+    named = {k: a for k, a in named.items() if k != "model"}  # given by the runner, not the recipe
     check_values("strategy.options", section.get("options", {}), named, f"strategy {name!r}")
