@@ -11,7 +11,7 @@ from typing import Any
 
 from . import available_architectures, available_strategies
 from .config import apply_overrides, check_recipe, list_recipes, load_recipe
-from .recipe_checks import check_recipe_types
+from .recipe_checks import check_recipe_types, resume_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="output folder (default: the recipe's output_dir)")
     parser.add_argument("--baselines", choices=("cache", "train", "skip"),
                         help="single-task baselines for Delta_m: cached, retrained, or skipped")
+    parser.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                        help="continue from a checkpoint folder (default: the last one in OUTPUT_DIR/checkpoints); "
+                             "runs save checkpoints with training.save_strategy=steps or epoch")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of a configuration error")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow the options
+    if isinstance(args.resume, str) and "=" in args.resume and not os.path.isdir(args.resume):
+        args.overrides.append(args.resume)  # `--resume key=value`: the last checkpoint, then an override
+        args.resume = True
     if args.list:
         print("recipes:       " + ", ".join(list_recipes()))
         print("strategies:    " + ", ".join(available_strategies()))
@@ -46,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = check_recipe(apply_overrides(load_recipe(args.recipe), args.overrides, notes))
         check_recipe_types(recipe)
+        if isinstance(args.resume, str) or (recipe.get("training") or {}).get("resume_from_checkpoint"):
+            resume_checkpoint(recipe, args.resume)
     except (ValueError, FileNotFoundError) as error:
         print(f"mtl-train: error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -54,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import describe_environment, is_main_process, run_recipe
 
     try:
-        summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines, progress=not args.no_progress)
+        summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines,
+                             progress=not args.no_progress, resume=args.resume)
     except (ValueError, TypeError, KeyError, OSError) as error:
         if args.traceback:
             raise

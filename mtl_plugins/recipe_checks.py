@@ -209,3 +209,13 @@ def check_recipe_types(recipe: Mapping[str, Any], strategy: bool = True) -> None
     named, _ = builder_options(STRATEGIES.get(name).__init__, 2)  # self, tasks
     named = {k: a for k, a in named.items() if k != "model"}  # given by the runner, not the recipe
     check_values("strategy.options", section.get("options", {}), named, f"strategy {name!r}")
+
+
+def resume_checkpoint(recipe: Mapping[str, Any], resume: str | bool | None = None) -> str | bool | None:
+    """The checkpoint to resume from: ``resume`` (``True``: the last one), else the recipe's
+    ``training.resume_from_checkpoint``; a folder that does not exist is an error."""
+    if resume is None:
+        resume = (recipe.get("training") or {}).get("resume_from_checkpoint")
+    if isinstance(resume, (str, Path)) and not Path(resume).is_dir():
+        raise ValueError(f"resume_from_checkpoint: checkpoint folder {str(resume)!r} does not exist")
+    return resume or None

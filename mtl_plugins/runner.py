@@ -22,6 +22,7 @@ from .metrics.paper import delta_m_selection
 from .metrics.streaming import StreamingComputeMetrics
 from .models import build_model as build_recipe_model
 from .plots import plot_loss_curves
+from .recipe_checks import resume_checkpoint
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
@@ -160,11 +161,13 @@ def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress:
 
 
 def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None = None,
-        output_dir: str | Path | None = None) -> dict[str, Any]:
+        output_dir: str | Path | None = None, resume: str | bool | None = None) -> dict[str, Any]:
     """Train the recipe's model with its strategy through :class:`~mtl_plugins.trainers.MultiTaskTrainer`;
     returns model, strategy, test metrics (``metrics``: each task's main metric; ``all_metrics``: every
     metric the evaluation computes) and log records. Trainer checkpoints, when the recipe's
-    ``training.save_strategy`` asks for them, go to ``<output_dir>/checkpoints``."""
+    ``training.save_strategy`` asks for them, go to ``<output_dir>/checkpoints``; ``resume`` (a
+    checkpoint folder, or ``True`` for the last one there) or ``training.resume_from_checkpoint``
+    continues from one."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -188,7 +191,16 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     else:
         trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    trainer.train()
+    checkpoint = resume_checkpoint(recipe, resume)
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = Path(args.output_dir)
+        checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"nothing to resume: no checkpoint in {str(folder)!r} (runs save checkpoints with "
+                             "training.save_strategy=steps or epoch)")
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     if is_main_process():
         with contextlib.suppress(OSError):  # the Trainer creates it even when it saves nothing
@@ -206,6 +218,9 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     if mode not in ("cache", "train"):
         raise ValueError(f"baselines must be 'cache', 'train' or 'skip', got {mode!r}")
     key_source = {k: recipe.get(k) for k in ("data", "model", "training")}
+    # a checkpoint to resume from belongs to the multi-task run: the baselines train from scratch
+    key_source["training"] = {k: v for k, v in (key_source["training"] or {}).items()
+                              if k != "resume_from_checkpoint"}
     model = dict(key_source["model"] or {})
     if "loss_weights" in (model.get("options") or {}):  # they weigh tasks against each other: not for one task
         model["options"] = {k: v for k, v in model["options"].items() if k != "loss_weights"}
@@ -222,7 +237,7 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
         if any(name.startswith(f"{task}/") for name in cached):
             continue
         single = {**recipe, "data": {**recipe.get("data", {}), "tasks": [task]}, "strategy": {"name": "ew"},
-                  "model": key_source["model"]}
+                  "model": key_source["model"], "training": key_source["training"]}
         cached.update(fit(single, progress=progress)["all_metrics"])
         trained = True
     if trained and is_main_process():
@@ -320,7 +335,7 @@ def _publish(staging: Path, out: Path) -> list[str]:
 
 
 def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, baselines: str | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, resume: str | bool | None = None) -> dict[str, Any]:
     """Run a recipe and write its outputs; returns the summary written to ``results.json``.
 
     Outputs: ``config.yaml`` (the recipe run, with the real ``output_dir``), ``train_log.jsonl``,
@@ -330,7 +345,7 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
     (``save_pretrained`` folder with a model card) that ``AutoModel.from_pretrained`` loads after
     ``import mtl_plugins.hub``. They are written to ``<output_dir>/.incomplete`` and moved into
     ``output_dir`` only once the run succeeded, replacing the outputs of an earlier run there; a
-    failed run leaves the folder as it was.
+    failed run leaves the folder as it was. ``resume``: see :func:`fit`.
 
     Under a distributed launch every process trains and only the main process writes outputs.
     """
@@ -344,7 +359,7 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
         staging.mkdir(parents=True)
         (staging / "config.yaml").write_text(yaml.safe_dump({**recipe, "output_dir": str(out)}, sort_keys=False))
     try:
-        summary = _run(recipe, out, staging, baselines, progress, main)
+        summary = _run(recipe, out, staging, baselines, progress, main, resume)
     except BaseException:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -355,8 +370,8 @@ def run_recipe(recipe: Mapping[str, Any], output_dir: str | Path | None = None, 
 
 
 def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | None, progress: bool,
-         main: bool) -> dict[str, Any]:
-    result = fit(recipe, progress=progress, log_path=staging / "train_log.jsonl", output_dir=out)
+         main: bool, resume: str | bool | None) -> dict[str, Any]:
+    result = fit(recipe, progress=progress, log_path=staging / "train_log.jsonl", output_dir=out, resume=resume)
     data, metrics = result["data"], result["metrics"]
     tasks = data.tasks
     summary: dict[str, Any] = {

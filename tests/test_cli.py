@@ -190,3 +190,37 @@ def test_results_record_how_the_run_ran(tmp_path, capsys):
     assert environment["versions"]["torch"] == version("torch") and environment["versions"]["mtl-plugins"]
     stdout = capsys.readouterr().out
     assert f"ran as 1 process on cpu, {torch.get_num_threads()} CPU thread" in stdout
+
+
+def test_resume_continues_from_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["strategy=ew", *TINY, "training.save_strategy=steps", "training.save_steps=1", "--baselines", "skip",
+              "--output-dir", str(out), "--no-progress"]
+    assert main(["quickstart", "training.max_steps=2", *common]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+    def logged_steps():
+        return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+    assert logged_steps() == [1, 2]
+    # the last checkpoint (step 2) continues to step 3: only step 3 is trained and logged
+    assert main(["quickstart", "training.max_steps=3", *common, "--resume"]) == 0
+    assert logged_steps() == [3] and json.loads((out / "results.json").read_text())["steps"] == 3
+    # a named checkpoint
+    assert main(["quickstart", "training.max_steps=2", *common, "--resume", str(out / "checkpoints" / "checkpoint-1")]) == 0
+    assert logged_steps() == [2]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args", [["--resume", "/nonexistent"], ["training.resume_from_checkpoint=/nonexistent"]])
+def test_resuming_from_a_missing_checkpoint_is_an_error(args, tmp_path, capsys):
+    assert main(["quickstart", *TINY, "--output-dir", str(tmp_path / "run"), "--no-progress", *args]) == 2
+    assert capsys.readouterr().err.startswith(
+        "mtl-train: error: resume_from_checkpoint: checkpoint folder '/nonexistent' does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_checkpoints_says_how_to_save_them(tmp_path, capsys):
+    assert main(["quickstart", "strategy=ew", *TINY, "training.max_steps=1", "--baselines", "skip",
+                 "--output-dir", str(tmp_path / "run"), "--no-progress", "--resume"]) == 2
+    assert "nothing to resume: no checkpoint in" in capsys.readouterr().err
