@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from released_clustering import released_groups
 
 from mtl_plugins import grouping
-from mtl_plugins.grouping import InvalidAffinityError, choose_groups, cluster_tasks, groups_from_labels, scaled_affinity
+from mtl_plugins.grouping import (
+    InvalidAffinityError,
+    choose_groups,
+    cluster_tasks,
+    groups_from_labels,
+    scaled_affinity,
+)
 
 TASKS = ["a", "b", "c", "d", "e", "f"]
 SCALES = [1.0, 1000.0, 0.01, 30.0, 0.5, 2.0]
@@ -70,11 +77,12 @@ def test_retry_raises_convergence_iter_by_100(monkeypatch):
     seen: list[int] = []
     real = grouping.affinity_propagation_labels
 
-    def flaky(similarity, *, preference, convergence_iter, random_state):
+    def flaky(similarity, *, preference, convergence_iter, random_state, max_iter):
         seen.append(convergence_iter)
         if len(seen) < 4:
             return None  # no exemplar
-        return real(similarity, preference=preference, convergence_iter=convergence_iter, random_state=random_state)
+        return real(similarity, preference=preference, convergence_iter=convergence_iter, random_state=random_state,
+                    max_iter=max_iter)
 
     monkeypatch.setattr(grouping, "affinity_propagation_labels", flaky)
     a = block_affinity([[0, 1, 2], [3, 4, 5]], 6, SCALES)
@@ -88,10 +96,11 @@ def test_each_retry_breaks_ties_with_fresh_noise(monkeypatch):
     states: list[tuple[bytes, int]] = []
     real = grouping.affinity_propagation_labels
 
-    def failing_first(similarity, *, preference, convergence_iter, random_state):
+    def failing_first(similarity, *, preference, convergence_iter, random_state, max_iter):
         _, key, position, *_ = random_state.get_state()
         states.append((key.tobytes(), position))
-        labels = real(similarity, preference=preference, convergence_iter=convergence_iter, random_state=random_state)
+        labels = real(similarity, preference=preference, convergence_iter=convergence_iter, random_state=random_state,
+                      max_iter=max_iter)
         return None if len(states) < 3 else labels
 
     monkeypatch.setattr(grouping, "affinity_propagation_labels", failing_first)
@@ -105,7 +114,7 @@ def test_each_retry_breaks_ties_with_fresh_noise(monkeypatch):
 def test_ten_failed_fits_keep_the_previous_groups(monkeypatch):
     seen: list[int] = []
 
-    def never(similarity, *, preference, convergence_iter, random_state):
+    def never(similarity, *, preference, convergence_iter, random_state, max_iter):
         seen.append(convergence_iter)  # and no exemplar: returns None
 
     monkeypatch.setattr(grouping, "affinity_propagation_labels", never)
@@ -173,3 +182,100 @@ def test_shape_errors_are_clear():
         scaled_affinity(np.ones((2, 3)))
     with pytest.raises(ValueError, match="3 tasks"):
         cluster_tasks(np.eye(2), ["a", "b", "c"])
+
+
+# -- agreement with the released clustering ------------------------------------------------------
+def random_affinity(rng: np.random.Generator, k: int) -> torch.Tensor:
+    """An affinity like the recorded ones: small positive self-affinities, mixed-sign cross terms."""
+    scale = rng.uniform(0.001, 0.05)
+    a = rng.normal(0, rng.uniform(0.05, 1.0), size=(k, k)) * scale
+    a[np.diag_indices(k)] = rng.uniform(0.2, 1.0, size=k) * scale
+    return torch.tensor(a, dtype=torch.float32)
+
+
+RELEASED = {"column_scaling": "released", "dtype": "float32", "retry_rule": "released"}
+
+
+def test_groupings_agree_call_for_call_with_the_released_clustering():
+    rng = np.random.default_rng(1)
+    matrices = [random_affinity(rng, int(rng.integers(2, 7))) for _ in range(300)]
+    matrices.append(torch.eye(5) * 0.01)  # equal similarities: scikit-learn 1.0.2's tie rule
+    matrices.append(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    kept = differs_in_float64 = 0
+    for i, a in enumerate(matrices):
+        tasks = [f"t{j}" for j in range(len(a))]
+        previous = [tasks[::2], tasks[1::2]]
+        seed = int(rng.integers(0, 2**31 - 1))
+        expected, fits = released_groups(a, tasks, previous, seed)
+        result = choose_groups(a, tasks, previous, random_state=seed, **RELEASED)
+        assert sorted(map(sorted, result.groups)) == expected, (i, a)
+        assert result.kept_previous == (fits == 10 and expected == sorted(map(sorted, previous)))
+        kept += result.kept_previous
+        float64 = choose_groups(a, tasks, previous, random_state=seed, **{**RELEASED, "dtype": "float64"})
+        differs_in_float64 += sorted(map(sorted, float64.groups)) != expected
+    assert kept >= 1 and differs_in_float64 >= 1  # the cases that needed the fixes occur
+    assert choose_groups(matrices[-2], [f"t{j}" for j in range(5)], [], **RELEASED).groups == [[f"t{j}"] for j in range(5)]
+
+
+def two_blocks() -> np.ndarray:
+    """Scaled two-block similarities without exact ties: affinity propagation converges in 54 iterations."""
+    a = block_affinity([[0, 1, 2], [3, 4, 5]], 6, SCALES)
+    return scaled_affinity(a + np.random.default_rng(0).uniform(0, 0.1, size=(6, 6)) * np.asarray(SCALES)[None, :])
+
+
+def test_a_fit_that_did_not_converge_has_no_exemplar():
+    # scikit-learn >= 1.3 returns centres from a fit stopped at max_iter, with a ConvergenceWarning;
+    # scikit-learn 1.0.2 returned none, and so does the library.
+    from sklearn.cluster import AffinityPropagation
+    from sklearn.exceptions import ConvergenceWarning
+
+    x = two_blocks()
+    with pytest.warns(ConvergenceWarning):
+        model = AffinityPropagation(affinity="precomputed", max_iter=40, convergence_iter=50, random_state=0).fit(x)
+    assert len(model.cluster_centers_indices_) > 0
+    assert grouping.affinity_propagation_labels(x, preference=None, convergence_iter=50, random_state=0,
+                                                max_iter=40) is None
+    assert grouping.affinity_propagation_labels(x, preference=None, convergence_iter=50, random_state=0) is not None
+
+
+@pytest.mark.parametrize("retry_rule", ["spec", "released"])
+def test_released_retries_cannot_converge_from_the_third_fit(monkeypatch, retry_rule):
+    # The released code raised convergence_iter by 100 per try but kept max_iter = 200: from the third
+    # fit on (convergence_iter 250) the convergence check never runs, so no fit can converge.
+    x = two_blocks()
+    real = grouping.affinity_propagation_labels
+    assert real(x, preference=None, convergence_iter=150, random_state=0) is not None
+    assert real(x, preference=None, convergence_iter=250, random_state=0) is None
+    assert real(x, preference=None, convergence_iter=250, random_state=0, max_iter=400) is not None
+    seen: list[tuple[int, int]] = []
+
+    def failing_twice(similarity, *, preference, convergence_iter, random_state, max_iter):
+        seen.append((convergence_iter, max_iter))
+        labels = real(similarity, preference=preference, convergence_iter=convergence_iter,
+                      random_state=random_state, max_iter=max_iter)
+        return None if len(seen) <= 2 else labels
+
+    monkeypatch.setattr(grouping, "affinity_propagation_labels", failing_twice)
+    groups = cluster_tasks(x, TASKS, retry_rule=retry_rule)
+    if retry_rule == "released":
+        assert groups is None and seen == [(50 + 100 * i, 200) for i in range(10)]
+    else:
+        assert sorted(map(sorted, groups)) == [["a", "b", "c"], ["d", "e", "f"]]
+        assert seen == [(50, 200), (150, 300), (250, 400)]
+
+
+def test_float32_scaling_is_the_released_float32_loop():
+    rng = np.random.default_rng(5)
+    a = torch.tensor(rng.uniform(-0.5, 0.5, size=(5, 5)) + np.diag(rng.uniform(0.5, 2.0, size=5)), dtype=torch.float32)
+    x = a.clone()
+    for i in range(len(x)):
+        x[:, i] /= x[i, i]
+    released = ((x + x.T) / 2).numpy()
+    scaled = scaled_affinity(a, "released", "float32")
+    assert scaled.dtype == np.float32
+    np.testing.assert_array_equal(scaled, released)
+    assert (scaled_affinity(a, "released") != released).any()  # float64 differs in the last bits
+    with pytest.raises(ValueError, match="dtype"):
+        scaled_affinity(a, "released", "float16")
+    with pytest.raises(ValueError, match="retry_rule"):
+        cluster_tasks(a, list("abcde"), retry_rule="paper")

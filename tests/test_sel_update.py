@@ -15,7 +15,7 @@ from torch import nn
 
 import mtl_plugins
 from mtl_plugins.architectures.hps import HPS
-from mtl_plugins.grouping import Grouping, cluster_tasks
+from mtl_plugins.grouping import Grouping, choose_groups
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies import sel_update as sel_module
 from mtl_plugins.strategies.base import NonFiniteLossError, Updater
@@ -70,7 +70,7 @@ def cycle_groups(*partitions):
     """A ``choose_groups`` replacement handing out the given partitions in turn (records its calls)."""
     calls: list[list[list[str]]] = []
 
-    def choose(affinity, tasks, previous, *, preference=None, random_state=0, column_scaling="spec"):
+    def choose(affinity, tasks, previous, *, preference=None, random_state=0, **options):
         calls.append([list(g) for g in previous])
         return Grouping([list(g) for g in partitions[(len(calls) - 1) % len(partitions)]])
 
@@ -180,10 +180,9 @@ def test_replay_tiny_model(monkeypatch, attribution, measure_last):
     calls = []
     real = sel_module.choose_groups
 
-    def spy(affinity, tasks, previous, *, preference=None, random_state=0, column_scaling="spec"):
+    def spy(affinity, tasks, previous, *, preference=None, random_state=0, **options):
         calls.append((affinity.clone(), random_state))
-        return real(affinity, tasks, previous, preference=preference, random_state=random_state,
-                    column_scaling=column_scaling)
+        return real(affinity, tasks, previous, preference=preference, random_state=random_state, **options)
 
     monkeypatch.setattr(sel_module, "choose_groups", spy)
     model = tiny_model()
@@ -200,7 +199,8 @@ def test_replay_tiny_model(monkeypatch, attribution, measure_last):
     assert len(calls) == 6 and len({seed for _, seed in calls}) == 6
     for (affinity, seed), previous, record in zip(calls, history[3:], history[4:]):
         assert torch.equal(affinity, previous["affinity"])
-        clustered = cluster_tasks(previous["affinity"], TASKS, random_state=seed)
+        kept = [list(g) for g in dict.fromkeys(map(tuple, previous["order"]))]  # used if clustering fails
+        clustered = choose_groups(previous["affinity"], TASKS, kept, random_state=seed).groups
         assert sorted(map(tuple, record["order"])) == sorted(map(tuple, clustered * (2 if len(clustered) == 1 else 1)))
     assert any(len(g) > 1 for r in history[4:] for g in r["order"])
 
@@ -389,8 +389,10 @@ def test_idle_tasks_do_not_move_under_adam_with_weight_decay(optimizer_cls):
 
 
 def test_idle_tasks_move_under_adamw_when_not_frozen():
-    # The released code's zero-filled gradients: idle heads get a zero gradient, so AdamW's momentum
-    # and weight decay move them; with SGD and no weight decay a zero gradient moves nothing.
+    # The released code's zero-filled gradients: once a head has had a gradient, it gets a zero one
+    # while idle, so AdamW's momentum and weight decay move it; before its task's first update it has
+    # none and stays still (torch 1.13's zero_grad). With SGD and no weight decay a zero gradient
+    # moves nothing.
     for optimizer_cls, options, idle_moves in ((torch.optim.AdamW, {"weight_decay": 0.1}, True),
                                                (torch.optim.SGD, {}, False)):
         model = tiny_model()
@@ -398,10 +400,132 @@ def test_idle_tasks_move_under_adamw_when_not_frozen():
         updater = SnapshotUpdater(optimizer_cls(model.parameters(), lr=0.01, **options), model)
         train(strategy, model, updater, make_batches(6))
         orders = [g for r in strategy.history for g in r["order"]]
+        updated: set[str] = set()
+        still_before_first_update = 0
         for group, (before, after) in zip(orders, updater.snapshots):
             for name in before:
-                if name.startswith("heads.") and name.split(".")[1] not in group:
-                    assert (not torch.equal(before[name], after[name])) == idle_moves, (optimizer_cls, name)
+                task = name.split(".")[1]
+                if name.startswith("heads.") and task not in group:
+                    expected = idle_moves and task in updated
+                    still_before_first_update += task not in updated
+                    assert (not torch.equal(before[name], after[name])) == expected, (optimizer_cls, name)
+            updated |= set(group)
+        assert still_before_first_update == 2 * (3 + 2 + 1)  # first warm-up batch: weight and bias per head
+
+
+def test_unfrozen_idle_tasks_follow_torch_1_13_zero_grad():
+    # The released loop under torch 1.13: zero_grad() zero-fills the gradients that exist and leaves
+    # None alone, so a head has no gradient (Adam skips it) until its task's first update, and a zero
+    # one after. Redone step by step on a float64 twin over a few hundred batches.
+    batches = [{k: v.double() if v.is_floating_point() else v for k, v in b.items()} for b in make_batches(300, size=8)]
+    model = tiny_model().double()
+    twin, zero_all = copy.deepcopy(model), copy.deepcopy(model)
+    strategy = SelectiveGroupUpdate(TASKS, warmup_steps=20, affinity_decay=0.05, attribution="reference",
+                                    freeze_idle_tasks=False, seed=2)
+    options = {"lr": 0.01, "weight_decay": 1e-2}
+    train(strategy, model, torch.optim.Adam(model.parameters(), **options), batches)
+    orders = [r["order"] for r in strategy.history]
+    assert len(orders) == 300 and any(len(g) < 4 for o in orders[21:] for g in o)
+
+    def redo(net: HPS, zero_grad) -> dict[str, torch.Tensor]:
+        optimizer = torch.optim.Adam(net.parameters(), **options)
+        first_step: dict[str, torch.Tensor] = {}
+        for batch, order in zip(batches, orders):
+            for group in order:
+                losses = net(**batch).losses
+                zero_grad(net)
+                sum(losses[t] for t in group).backward()
+                optimizer.step()
+                if not first_step:
+                    first_step = {n: p.detach().clone() for n, p in net.named_parameters()}
+        return first_step
+
+    def torch_1_13(net):
+        for p in net.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def zero_every_parameter(net):  # the library's former rule
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+
+    start = dict(tiny_model().double().named_parameters())
+    first_step = redo(twin, torch_1_13)
+    first_task = orders[0][0][0]
+    for name, p in first_step.items():  # the first step moves the shared encoder and one head only
+        moved = not torch.equal(p, start[name])
+        assert moved == (not name.startswith("heads.") or name.split(".")[1] == first_task), name
+    redo(zero_all, zero_every_parameter)
+    gap = 0.0
+    for (name, p), q, r in zip(model.named_parameters(), twin.parameters(), zero_all.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+        gap = max(gap, float((p - r).detach().abs().max()))
+    assert gap > 1e-4
+
+
+def test_float32_affinity_follows_the_released_arithmetic(monkeypatch):
+    # The released affinity is a float32 tensor updated entry by entry:
+    # A[s, t] = (1 - beta) * A[s, t] + beta * v, with v computed in Python floats.
+    monkeypatch.setattr(sel_module, "choose_groups", cycle_groups([["a", "b", "c"], ["d"]], [["a"], ["b", "c", "d"]],
+                                                                  [TASKS], [["a", "d"], ["b", "c"]]))
+    beta = 0.001
+    strategy = SelectiveGroupUpdate(TASKS, affinity_decay=beta, warmup_steps=1, attribution="reference",
+                                    affinity_dtype="float32", seed=3)
+    closure = ScriptedLosses(TASKS, seed=1)
+    for _ in range(300):
+        strategy.step(closure, closure.optimizer)
+    assert strategy.affinity.dtype == torch.float32
+    released = torch.zeros(4, 4)
+    for record in strategy.history:
+        previous = [-1.0] * 4
+        for j, group in enumerate(record["order"]):
+            after = record["losses"][j]
+            for s in group:
+                for ti, t in enumerate(TASKS):
+                    if previous[ti] <= 0 or (t in group and previous[TASKS.index(s)] <= 0):
+                        continue
+                    r_t = (1 - after[ti] / previous[ti]) / len(group)
+                    r_s = (1 - after[TASKS.index(s)] / previous[TASKS.index(s)]) / len(group)
+                    if t not in group:
+                        v = r_t
+                    elif t == s:
+                        if r_t < 0:
+                            continue
+                        v = r_t
+                    else:
+                        v = r_t if r_t * r_s >= 0 else -max(r_t, r_s)
+                    si = TASKS.index(s)
+                    released[si, ti] = (1 - beta) * released[si, ti] + beta * v
+            previous = after
+    assert torch.equal(strategy.affinity, released)
+    float64 = torch.tensor(replay(strategy.history, TASKS, beta, "reference")[-1].tolist(), dtype=torch.float32)
+    assert not torch.equal(float64, released)  # float32 arithmetic, not float64 rounded at the end
+
+
+def test_released_settings_group_call_for_call(monkeypatch):
+    # Recorded matrices: every clustering of a run with the released settings gives the groups the
+    # released code gives for the same matrix, previous groups and noise seed.
+    from released_clustering import partition, released_groups
+
+    calls = []
+    real = sel_module.choose_groups
+
+    def spy(affinity, tasks, previous, **options):
+        result = real(affinity, tasks, previous, **options)
+        calls.append((affinity.clone(), [list(g) for g in previous], options["random_state"], result))
+        return result
+
+    monkeypatch.setattr(sel_module, "choose_groups", spy)
+    model = tiny_model()
+    strategy = SelectiveGroupUpdate(TASKS, warmup_steps=10, affinity_decay=0.2, attribution="reference",
+                                    column_scaling="released", freeze_idle_tasks=False, affinity_dtype="float32",
+                                    retry_rule="released")
+    train(strategy, model, torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-6), make_batches(160))
+    assert len(calls) == 149
+    for i, (affinity, previous, seed, result) in enumerate(calls):
+        assert affinity.dtype == torch.float32
+        assert partition(result.groups) == released_groups(affinity, TASKS, previous, seed)[0], i
+    assert sum(r.kept_previous for *_, r in calls) >= 1 and len({len(r.groups) for *_, r in calls}) > 1
 
 
 def test_zero_filled_gradients_are_refused():
@@ -515,6 +639,8 @@ def test_zero_loss_columns_are_never_updated():
     ({"preference": float("nan")}, ValueError, "preference"),
     ({"decay": 0.1}, TypeError, "affinity_decay"),
     ({"column_scaling": "paper"}, TypeError, "column_scaling"),
+    ({"affinity_dtype": "float16"}, TypeError, "affinity_dtype"),
+    ({"retry_rule": "paper"}, TypeError, "retry_rule"),
 ])
 def test_bad_options_are_named(options, error, match):
     with pytest.raises(error, match=match):

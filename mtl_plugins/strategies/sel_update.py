@@ -24,7 +24,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..grouping import COLUMN_SCALINGS, ColumnScaling, Grouping, choose_groups
+from ..grouping import (
+    AFFINITY_DTYPES,
+    COLUMN_SCALINGS,
+    RETRY_RULES,
+    AffinityDtype,
+    ColumnScaling,
+    Grouping,
+    RetryRule,
+    check_option,
+    choose_groups,
+)
 from ..registry import register_strategy
 from .base import Closure, NonFiniteLossError, Strategy, Updater, as_updater
 
@@ -34,7 +44,10 @@ logger = logging.getLogger(__name__)
 def update_affinity(affinity: Tensor, before: Sequence[float], after: Sequence[float], group: Sequence[int],
                     decay: float) -> None:
     """EMA update (in place) of the rows of ``group`` for one group step that moved the losses
-    from ``before`` to ``after``, with the sign rules of the proximal inter-task affinity."""
+    from ``before`` to ``after``, with the sign rules of the proximal inter-task affinity.
+
+    The values ``v`` are computed in float64; the EMA ``(1 - decay) * A + (decay * v)`` in the
+    affinity's dtype, ``decay * v`` rounded to it first (the released code's float32 arithmetic)."""
     prev = torch.tensor(before, dtype=torch.float64)
     post = torch.tensor(after, dtype=torch.float64)
     valid = prev > 0  # a non-positive loss is no baseline
@@ -50,7 +63,7 @@ def update_affinity(affinity: Tensor, before: Sequence[float], after: Sequence[f
     value[own, rows] = ratio[rows]
     update[own, rows] = valid[rows] & (ratio[rows] >= 0)
     old = affinity[rows]
-    affinity[rows] = torch.where(update, (1 - decay) * old + decay * value, old)
+    affinity[rows] = torch.where(update, (1 - decay) * old + (decay * value).to(affinity.dtype), old)
 
 
 @register_strategy("sel_update")
@@ -67,10 +80,19 @@ class SelectiveGroupUpdate(Strategy):
     column divided by its self-affinity; ``"released"``: the released code's in-place scaling,
     which leaves entries below the diagonal unscaled, see :func:`~mtl_plugins.grouping.scaled_affinity`),
     ``freeze_idle_tasks`` (``False`` gives the parameters of tasks outside the group a zero
-    gradient, as the released code did under torch 1.13, so Adam's momentum and weight decay move
-    them).
+    gradient once they have had a gradient, as the released code's ``zero_grad()`` did under torch
+    1.13, so Adam's momentum and weight decay move them after their task's first update),
+    ``affinity_dtype`` (``"float64"``, or ``"float32"``: the released code's precision for the
+    affinity matrix, its EMA, scaling and clustering input), ``retry_rule`` (``"spec"``: a retried
+    clustering also gets more iterations; ``"released"``: the released code's fixed ``max_iter``, so
+    only two of the ten fits can converge; see :mod:`mtl_plugins.grouping`).
 
-    Observable state: :attr:`affinity` (K x K float64, task order as given), :attr:`groups` (the
+    The released code's behaviour: ``attribution="reference"``, ``column_scaling="released"``,
+    ``freeze_idle_tasks=False``, ``affinity_dtype="float32"`` and ``retry_rule="released"``. Its
+    random draws (group order, clustering noise) came from Python's and NumPy's global RNGs, so they
+    cannot be matched draw for draw; everything else then follows it.
+
+    Observable state: :attr:`affinity` (K x K in ``affinity_dtype``, task order as given), :attr:`groups` (the
     latest batch's partition), :attr:`history` (the last ``history_window`` batches, each a dict with
     ``step`` (batch counter before increment), ``order`` (groups in update order; a single group
     twice), ``losses`` (per forward pass, the per-task losses in task order; one more with
@@ -84,7 +106,7 @@ class SelectiveGroupUpdate(Strategy):
 
     #: What :meth:`state_dict` saves besides the base state.
     _state_names = ("affinity", "groups", "history", "group_count_changes", "clustering_failures", "grouping_note",
-                    "last_loss_decrease")
+                    "last_loss_decrease", "gradient_seen")
 
     def __init__(
         self,
@@ -99,6 +121,8 @@ class SelectiveGroupUpdate(Strategy):
         history_window: int = 1000,
         column_scaling: ColumnScaling = "spec",
         freeze_idle_tasks: bool = True,
+        affinity_dtype: AffinityDtype = "float64",
+        retry_rule: RetryRule = "spec",
         loss_weights: Mapping[str, float] | None = None,
         seed: int = 0,
     ):
@@ -114,8 +138,9 @@ class SelectiveGroupUpdate(Strategy):
                              "(the released code measures no last step)")
         if history_window < 1:
             raise ValueError(f"history_window must be >= 1, got {history_window}")
-        if column_scaling not in COLUMN_SCALINGS:
-            raise ValueError(f"column_scaling must be one of {COLUMN_SCALINGS}, got {column_scaling!r}")
+        check_option("column_scaling", column_scaling, COLUMN_SCALINGS)
+        check_option("affinity_dtype", affinity_dtype, AFFINITY_DTYPES)
+        check_option("retry_rule", retry_rule, RETRY_RULES)
         if preference is not None and not math.isfinite(preference):
             raise ValueError(f"preference must be finite or None, got {preference}")
         bad = {t: w for t, w in self.loss_weights.items() if not w > 0}
@@ -130,9 +155,11 @@ class SelectiveGroupUpdate(Strategy):
         self.history_window = int(history_window)
         self.column_scaling: ColumnScaling = column_scaling
         self.freeze_idle_tasks = bool(freeze_idle_tasks)
+        self.affinity_dtype: AffinityDtype = affinity_dtype
+        self.retry_rule: RetryRule = retry_rule
         k = len(self.tasks)
-        #: K x K float64: row = source task (its group was updated), column = target task.
-        self.affinity = torch.zeros(k, k, dtype=torch.float64)
+        #: K x K in ``affinity_dtype``: row = source task (its group was updated), column = target task.
+        self.affinity = torch.zeros(k, k, dtype=getattr(torch, affinity_dtype))
         #: Groups of the latest batch (singletons before and during warm-up).
         self.groups: list[list[str]] = [[t] for t in self.tasks]
         #: Per-batch records: step, order, losses (per forward pass, task order), applied, affinity.
@@ -143,6 +170,8 @@ class SelectiveGroupUpdate(Strategy):
         self.grouping_note = ""
         #: Per task: decrease of its loss over its own group's latest measured step.
         self.last_loss_decrease: dict[str, float] = {}
+        #: Positions (in the updater's parameter list) of the parameters that have had a gradient.
+        self.gradient_seen: list[int] = []
 
     # -- one batch ------------------------------------------------------------------------------
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
@@ -194,7 +223,8 @@ class SelectiveGroupUpdate(Strategy):
             return Grouping([[t] for t in self.tasks])
         random_state = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
         return choose_groups(self.affinity, self.tasks, self.groups, preference=self.preference,
-                             random_state=random_state, column_scaling=self.column_scaling)
+                             random_state=random_state, column_scaling=self.column_scaling,
+                             dtype=self.affinity_dtype, retry_rule=self.retry_rule)
 
     def _measurements(self, rows: list[list[float]], order: list[list[str]], applied: list[bool]):
         """(losses before, losses after, credited group) for each measured group step."""
@@ -229,11 +259,16 @@ class SelectiveGroupUpdate(Strategy):
         dtype = functools.reduce(torch.promote_types, (v.dtype for v in values), torch.float32)
         return torch.stack([v.to(dtype) for v in values])  # float64 losses keep their precision
 
-    @staticmethod
-    def _zero_fill_gradients(updater: Updater) -> None:
-        for p in updater.params:
-            if p.grad is None:
+    def _zero_fill_gradients(self, updater: Updater) -> None:
+        """torch 1.13's ``zero_grad()``: a parameter has no gradient until its first backward, then a
+        zero one whenever the group's loss does not reach it."""
+        seen = set(self.gradient_seen)
+        for i, p in enumerate(updater.params):
+            if p.grad is not None:
+                seen.add(i)
+            elif i in seen:
                 p.grad = torch.zeros_like(p)
+        self.gradient_seen = sorted(seen)
 
     @staticmethod
     def _check_cleared(updater: Updater) -> None:
@@ -310,8 +345,12 @@ class SelectiveGroupUpdate(Strategy):
         if grouped != sorted(self.tasks):
             raise ValueError(f"sel_update state has groups {state.get('groups')}, which do not partition "
                              f"tasks {self.tasks}")
+        if "gradient_seen" not in state and not self.freeze_idle_tasks:
+            raise KeyError("sel_update state has no gradient_seen (which parameters have had a gradient), "
+                           "needed with freeze_idle_tasks=False")
+        state = {"gradient_seen": [], **state}
         super().load_state_dict(state)
         for name in self._state_names:
             setattr(self, name, copy.deepcopy(state[name]))
-        self.affinity = self.affinity.to(torch.float64)
+        self.affinity = self.affinity.to(getattr(torch, self.affinity_dtype))
         self.history = deque(self.history, maxlen=self.history_window)
