@@ -254,6 +254,7 @@ class MultiTaskModel(PreTrainedModel):
         repo_id: str,
         *,
         strategy: Any = None,
+        processor: Any = None,
         commit_message: str = "Upload multi-task model",
         private: bool | None = None,
         token: str | bool | None = None,
@@ -268,14 +269,20 @@ class MultiTaskModel(PreTrainedModel):
         ``metrics``, ``delta_m``, ``datasets``, ``task_groups``, ``priority_stats``, ``base_model``,
         ``license``). A training ``strategy`` adds its method, settings and task groups or priority
         statistics (:func:`~mtl_plugins.hub.card.card_fields_from_strategy`); ``card_fields`` given
-        explicitly take precedence. Returns the commit info.
+        explicitly take precedence. ``processor`` (the tokenizer or image processor that prepares the
+        inputs) goes up with the model. Returns the commit info.
         """
         strategy_fields = card_fields_from_strategy(strategy) if strategy is not None else {}
+        saves_processor = callable(getattr(processor, "save_pretrained", None))
+        if saves_processor and hasattr(processor, "tokenize"):
+            card_fields.setdefault("tokenizer_included", True)
         card = build_model_card(self.config, repo_id=repo_id, **{**strategy_fields, **card_fields})
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
+            if saves_processor:
+                processor.save_pretrained(folder)
             card.save(Path(folder) / "README.md")
             files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
             operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))

@@ -306,6 +306,63 @@ class MultiTaskTrainer(Trainer):
         labels = tuple(inputs[t] for t in self.tasks) if present else None
         return loss, tuple(logits[t].detach() for t in self.tasks), labels
 
+    # -- sharing --------------------------------------------------------------------------------
+    def _hub_model(self) -> nn.Module:
+        model = self.accelerator.unwrap_model(self.model)
+        if not (callable(getattr(model, "push_to_hub", None)) and hasattr(getattr(model, "config", None), "task_names")):
+            raise ValueError(
+                f"push_to_hub needs a Hugging Face multi-task model (mtl_plugins.hub.MultiTaskModel, the recipe "
+                f"model 'hub_multitask'); {type(model).__name__} has no Hub config. Save it with "
+                "safetensors.torch.save_model(model, 'model.safetensors') instead"
+            )
+        return model
+
+    def card_metrics(self) -> dict[str, float]:
+        """The latest evaluation's per-task metrics (``"<task>/<metric>"``), from the log history."""
+        for entry in reversed(self.state.log_history):
+            metrics = {}
+            for key, value in entry.items():
+                prefix, _, name = key.partition("_")
+                if prefix in ("eval", "test") and name.split("/")[0] in self.tasks and "/" in name:
+                    metrics[name] = float(value)
+            if metrics:
+                return metrics
+        return {}
+
+    def create_model_card(self, license: str | None = None, dataset: str | list[str] | None = None,
+                          **kwargs: Any) -> None:
+        """Write the project's model card (tasks, method and settings, metrics, groups or priority
+        statistics, usage) to ``output_dir/README.md``; the Trainer's generic arguments are ignored."""
+        if not self.is_world_process_zero():
+            return
+        from mtl_plugins.hub.card import build_model_card, card_fields_from_strategy
+
+        model = self._hub_model()
+        datasets = [dataset] if isinstance(dataset, str) else dataset
+        card = build_model_card(model.config, repo_id=self.args.hub_model_id, metrics=self.card_metrics(),
+                                license=license, datasets=datasets,
+                                tokenizer_included=hasattr(self.processing_class, "tokenize"),
+                                **card_fields_from_strategy(self.strategy))
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **card_fields: Any) -> Any:
+        """Upload the trained model with its tokenizer or image processor (``processing_class``) and
+        the project's model card (strategy, settings, latest evaluation metrics) to
+        ``args.hub_model_id`` (default: the output folder's name). ``card_fields`` (``delta_m``,
+        ``datasets``, ``license``, ...) go to the card. Only the main process uploads."""
+        model = self._hub_model()
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        card_fields.setdefault("metrics", self.card_metrics())
+        return model.push_to_hub(repo_id, strategy=self.strategy, processor=self.processing_class,
+                                 commit_message=commit_message or "End of training", token=token or self.args.hub_token,
+                                 revision=revision, private=self.args.hub_private_repo if private is None else private,
+                                 **card_fields)
+
     # -- checkpoints ----------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Write the strategy state first, so a checkpoint with a trainer state is always complete."""
