@@ -161,7 +161,8 @@ def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress:
 
 
 def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None = None,
-        output_dir: str | Path | None = None, resume: str | bool | None = None) -> dict[str, Any]:
+        output_dir: str | Path | None = None, resume: str | bool | None = None,
+        label: str | None = None) -> dict[str, Any]:
     """Train the recipe's model with its strategy through :class:`~mtl_plugins.trainers.MultiTaskTrainer`;
     returns model, strategy, test metrics (``metrics``: each task's main metric; ``all_metrics``: every
     metric the evaluation computes) and log records. Trainer checkpoints, when the recipe's
@@ -187,7 +188,7 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
                                compute_metrics=StreamingComputeMetrics(data.task_specs, tasks=tasks))
     if progress:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LossProgress)
+        trainer.add_callback(LossProgress(label or f"multi-task ({trainer.strategy.name})"))
     else:
         trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -233,12 +234,13 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     path = cache_dir() / "baselines" / f"{key}.json"
     cached = json.loads(path.read_text()) if path.exists() and mode == "cache" else {}
     trained = False
-    for task in tasks:
+    for i, task in enumerate(tasks, start=1):
         if any(name.startswith(f"{task}/") for name in cached):
             continue
         single = {**recipe, "data": {**recipe.get("data", {}), "tasks": [task]}, "strategy": {"name": "ew"},
                   "model": key_source["model"], "training": key_source["training"]}
-        cached.update(fit(single, progress=progress)["all_metrics"])
+        label = f"single-task baseline {i}/{len(tasks)}: {task}"
+        cached.update(fit(single, progress=progress, label=label)["all_metrics"])
         trained = True
     if trained and is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -224,3 +224,13 @@ def test_resume_without_checkpoints_says_how_to_save_them(tmp_path, capsys):
     assert main(["quickstart", "strategy=ew", *TINY, "training.max_steps=1", "--baselines", "skip",
                  "--output-dir", str(tmp_path / "run"), "--no-progress", "--resume"]) == 2
     assert "nothing to resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_progress_bars_say_which_model_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
+    assert main(["quickstart", "strategy=ew", "data.tasks=[left, right]", *TINY, "training.max_steps=1",
+                 "--baselines", "train", "--output-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "multi-task (ew)" in err
+    assert "single-task baseline 1/2: left" in err and "single-task baseline 2/2: right" in err
+    assert err.index("multi-task (ew)") < err.index("single-task baseline 1/2") < err.index("single-task baseline 2/2")

@@ -35,7 +35,17 @@ class LogRecorder(TrainerCallback):
 
 class LossProgress(ProgressCallback):
     """The Trainer's progress bar with the latest training loss as its postfix (logs are not printed:
-    they go to the JSON-lines log and the ``report_to`` integrations)."""
+    they go to the JSON-lines log and the ``report_to`` integrations) and ``label`` as its description
+    (e.g. ``single-task baseline 2/5: right``)."""
+
+    def __init__(self, label: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.label and self.training_bar is not None:
+            self.training_bar.set_description(self.label, refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
