@@ -18,8 +18,8 @@ class ScaledUpdater(Updater):
     def loss_scale(self) -> float:
         return self.scale
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.scale).backward()
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        (loss * self.scale).backward(retain_graph=retain_graph)
 
     def step(self, final: bool = False) -> bool:
         grads = [p.grad for p in self.params if p.grad is not None]

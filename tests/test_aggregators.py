@@ -397,8 +397,8 @@ class BackwardAveragingUpdater(Updater):
 
     averages_gradients = True
 
-    def backward(self, loss):
-        loss.backward()
+    def backward(self, loss, retain_graph=False):
+        loss.backward(retain_graph=retain_graph)
         for p in self.params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)

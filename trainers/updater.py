@@ -67,8 +67,8 @@ class AcceleratedUpdater(Updater):
         for p in self.params:
             p.grad = None
 
-    def backward(self, loss: Tensor) -> None:
-        self.accelerator.backward(loss / self.loss_divisor if self.loss_divisor != 1.0 else loss)
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        self.accelerator.backward(loss / self.loss_divisor if self.loss_divisor != 1.0 else loss, retain_graph=retain_graph)
         average_gradients_(self.params)
 
     def step(self, final: bool = False) -> bool:

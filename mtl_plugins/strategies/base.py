@@ -47,8 +47,10 @@ class Updater:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """Backward ``loss``; ``retain_graph`` keeps the graph for another backward (per-task gradients
+        from one forward pass)."""
+        loss.backward(retain_graph=retain_graph)
 
     def step(self, final: bool = False) -> bool:
         """One optimizer step; ``final`` marks the batch's last update. Returns False if skipped."""
@@ -74,16 +76,38 @@ def as_updater(optimizer: torch.optim.Optimizer | Updater) -> Updater:
     return optimizer if isinstance(optimizer, Updater) else Updater(optimizer)
 
 
-def losses_to_floats(losses: Mapping[str, Tensor], tasks: Sequence[str]) -> list[float]:
-    """Read per-task losses to the host in one transfer; raise if any is NaN/inf."""
+def check_losses(losses: Mapping[str, Tensor], tasks: Sequence[str]) -> None:
+    """Raise ``KeyError`` naming the tasks the closure returned no loss for."""
     missing = [t for t in tasks if t not in losses]
     if missing:
         raise KeyError(f"the closure returned no loss for tasks {missing}; got {sorted(losses)}")
-    values = torch.stack([losses[t].detach().float().reshape(()) for t in tasks]).tolist()
+
+
+def check_finite_losses(values: Sequence[float], tasks: Sequence[str]) -> list[float]:
+    """Raise :class:`NonFiniteLossError` if any of the per-task loss ``values`` is NaN/inf."""
+    values = [float(v) for v in values]
     bad = [t for t, v in zip(tasks, values) if not math.isfinite(v)]
     if bad:
         raise NonFiniteLossError(f"non-finite loss for tasks {bad}: {dict(zip(tasks, values))}")
     return values
+
+
+def losses_to_floats(losses: Mapping[str, Tensor], tasks: Sequence[str]) -> list[float]:
+    """Read per-task losses to the host in one transfer; raise if any is NaN/inf."""
+    check_losses(losses, tasks)
+    return check_finite_losses(torch.stack([losses[t].detach().float().reshape(()) for t in tasks]).tolist(), tasks)
+
+
+def to_host(*tensors: Tensor) -> list[Tensor]:
+    """Float64 CPU copies of ``tensors`` (same shapes), read from the device in one transfer: the one
+    device synchronisation a strategy's step needs (losses, finiteness flags and Gramians together)."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    values = torch.tensor(flat.tolist(), dtype=torch.float64)
+    copies, offset = [], 0
+    for t in tensors:
+        copies.append(values[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
+    return copies
 
 
 class Strategy:

@@ -188,15 +188,16 @@ class ConnectionStrength(Strategy):
         return losses[task]
 
     def _phase1(self, closure: Closure, updater: Updater) -> list[float]:
-        """One forward, backward and optimizer step per task, in task order."""
-        values = []
+        """One forward, backward and optimizer step per task, in task order; the losses are read to the
+        host once, at the end (a non-finite one raises after the batch's steps)."""
+        losses: dict[str, Tensor] = {}
         for k, task in enumerate(self.tasks):
             updater.zero_grad()
             loss = self._task_loss(closure, task)
-            values += losses_to_floats({task: loss}, [task])
+            losses[task] = loss.detach()
             updater.backward(self.loss_weights[task] * loss)
             updater.step(final=k == len(self.tasks) - 1)
-        return values
+        return losses_to_floats(losses, self.tasks)
 
     def _phase2(self, closure: Closure, updater: Updater) -> list[float]:
         """K task backwards; connected layers' gradients kept per task, the rest summed; averaged across

@@ -5,10 +5,13 @@ one row of a K x n Jacobian ``J``. Task-specific parameters receive their own ta
 
 :func:`task_gradients` works through the updater:
 
-1. for each task ``t``: ``updater.zero_grad()``, a forward pass through ``t``'s path
-   (``closure(task=t)``), ``updater.backward(w_t * L_t)``, and a copy of the gradients. K forward
-   passes rather than one retained graph keep every backward an ordinary one for the updater
-   (distributed hooks, loss scaling);
+1. **one forward pass** (``closure()``) where the task paths share the encoder's forward (any model
+   without task-specific connections), then for each task ``t``: ``updater.zero_grad()``,
+   ``updater.backward(w_t * L_t, retain_graph=True)`` through the retained graph (the last one frees
+   it), and a copy of the gradients. BatchNorm statistics are then updated once per batch, as by
+   an EW step. A model with task-specific connections has one encoder path per task, so each task
+   gets its own forward (``closure(task=t)``) and ordinary backward. Either way every backward is
+   the updater's (loss scaling, distributed averaging);
 2. the Jacobian (and the task-specific gradients) are averaged across processes, by
    ``updater.reduce_`` unless the updater's backward already averaged each gradient
    (``updater.averages_gradients``, as the Trainer's updater does), so every process aggregates the
@@ -16,6 +19,9 @@ one row of a K x n Jacobian ``J``. Task-specific parameters receive their own ta
 3. the gradients are divided by ``updater.loss_scale`` (several aggregators are not
    scale-equivariant); :func:`write_gradients` multiplies the combined direction back by the loss
    scale, because ``updater.step`` unscales what it finds in ``p.grad``.
+
+Nothing is read to the host while the gradients are computed: :meth:`TaskGradients.read` reads the
+losses, a finiteness flag and the Gramian ``J J^T`` in one transfer.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import Closure, Updater, losses_to_floats
+from ..architectures.task_connections import has_task_connections
+from .base import Closure, Updater, check_finite_losses, check_losses, to_host
 
 
 def split_model_parameters(model: nn.Module | None, strategy: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -49,20 +56,45 @@ def split_model_parameters(model: nn.Module | None, strategy: str) -> tuple[list
     return shared, specific
 
 
+def shares_encoder_forward(model: nn.Module | None) -> bool:
+    """True when every task's path runs the same encoder forward (no task-specific connections), so
+    one forward pass serves every task's gradient."""
+    return model is not None and not has_task_connections(model)
+
+
+@dataclass
+class HostValues:
+    """What a step reads of its :class:`TaskGradients` (float64, CPU), in one transfer."""
+
+    losses: list[float]
+    finite: bool
+    gramian: Tensor
+    extra: list[Tensor]
+
+
 @dataclass
 class TaskGradients:
     """Per-task losses and gradients of one batch, averaged across processes and unscaled."""
 
-    losses: list[float]
+    #: K: each task's loss as computed on this process (detached, on the model's device).
+    losses: Tensor
     #: K x n: row t is task t's gradient w.r.t. the shared parameters, flattened.
     jacobian: Tensor
     #: For each task-specific parameter, ``sum_t c_t grad_t`` (None if no task reached it).
     specific: list[Tensor | None]
 
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.jacobian).all()) and all(
-            bool(torch.isfinite(g).all()) for g in self.specific if g is not None
-        )
+    def finite_flag(self) -> Tensor:
+        """1.0 (on the device) when the Jacobian and every task-specific gradient are finite."""
+        flags = [torch.isfinite(self.jacobian).all()] + [torch.isfinite(g).all() for g in self.specific if g is not None]
+        return torch.stack(flags).all().to(torch.float64)
+
+    def read(self, tasks: Sequence[str], *extra: Tensor) -> HostValues:
+        """Losses, finiteness, Gramian ``J J^T`` and ``extra`` tensors, read to the host in one transfer;
+        raises :class:`NonFiniteLossError` for a NaN/inf loss."""
+        gramian = self.jacobian @ self.jacobian.T
+        losses, finite, gramian, *rest = to_host(self.losses, self.finite_flag(), gramian, *extra)
+        values = check_finite_losses(losses.tolist(), tasks)
+        return HostValues(values, bool(finite == 1.0), gramian, rest)
 
 
 def task_gradients(
@@ -73,20 +105,33 @@ def task_gradients(
     shared: Sequence[Tensor],
     specific: Sequence[Tensor],
     coefficients: Sequence[float] | None = None,
+    *,
+    one_forward: bool = True,
 ) -> TaskGradients:
-    """One forward/backward per task through the updater; see the module docstring.
+    """Per-task gradients through the updater; see the module docstring.
 
-    ``coefficients`` weight each task's contribution to the task-specific sums (default 1).
+    ``one_forward``: one forward pass and K backward passes through the retained graph (else one
+    forward and backward per task). ``coefficients`` weight each task's contribution to the
+    task-specific sums (default 1).
     """
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
     rows: list[Tensor] = []
     specific_sum: list[Tensor | None] = [None] * len(specific)
-    values: list[float] = []
+    values: list[Tensor] = []
+    if one_forward:
+        all_losses = closure()
+        check_losses(all_losses, tasks)
     for k, task in enumerate(tasks):
         updater.zero_grad()
-        losses = closure(task=task)
-        values += losses_to_floats(losses, [task])
-        updater.backward(loss_weights[task] * losses[task])
+        if one_forward:
+            loss = all_losses[task]
+            updater.backward(loss_weights[task] * loss, retain_graph=k < len(tasks) - 1)
+        else:
+            task_losses = closure(task=task)
+            check_losses(task_losses, [task])
+            loss = task_losses[task]
+            updater.backward(loss_weights[task] * loss)
+        values.append(loss.detach().reshape(()).to(torch.float64))
         rows.append(torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in shared
         ]))
@@ -104,7 +149,7 @@ def task_gradients(
         jacobian /= scale
         for g in present:
             g /= scale
-    return TaskGradients(values, jacobian, specific_sum)
+    return TaskGradients(torch.stack(values), jacobian, specific_sum)
 
 
 def write_gradients(

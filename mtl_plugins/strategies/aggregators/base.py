@@ -1,10 +1,11 @@
 """The base of the gradient aggregators: per-task gradients in, one update direction out.
 
-One step per batch: the per-task gradients (:mod:`~mtl_plugins.strategies.task_gradients`:
-averaged across processes, unscaled), the aggregator's direction for the shared parameters
-(task-specific parameters keep their own task's gradient), written back at the loss scale, and
-``updater.step(final=True)``. The strategies take the model (``model=``, filled in by the runner)
-to find the shared parameters.
+One step per batch: the per-task gradients (:mod:`~mtl_plugins.strategies.task_gradients`: one
+forward pass and K retained backward passes unless the model has task-specific connections;
+averaged across processes, unscaled), one host read (losses, finiteness and the Gramian ``J J^T``
+together), the aggregator's direction for the shared parameters (task-specific parameters keep
+their own task's gradient), written back at the loss scale, and ``updater.step(final=True)``. The
+strategies take the model (``model=``, filled in by the runner) to find the shared parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from torch import Tensor, nn
 
 from .. import torchjd_adapter as tjd
 from ..base import Closure, Strategy, Updater, as_updater
-from ..task_gradients import check_non_finite, split_model_parameters, task_gradients, write_gradients
+from ..task_gradients import (
+    check_non_finite,
+    shares_encoder_forward,
+    split_model_parameters,
+    task_gradients,
+    write_gradients,
+)
 
 
 class GradientAggregation(Strategy):
@@ -38,9 +45,11 @@ class GradientAggregation(Strategy):
         """K weights from the K x K Gramian (float64, CPU)."""
         raise NotImplementedError
 
-    def aggregate(self, jacobian: Tensor) -> Tensor:
-        """The combined direction for the shared parameters (default: weights of ``J J^T`` times ``J``)."""
-        gramian = (jacobian @ jacobian.T).detach().to("cpu", torch.float64)
+    def aggregate(self, jacobian: Tensor, gramian: Tensor | None = None) -> Tensor:
+        """The combined direction for the shared parameters (default: weights of the Gramian
+        ``J J^T`` times ``J``). ``gramian`` (float64, CPU) saves computing and reading it again."""
+        if gramian is None:
+            gramian = (jacobian @ jacobian.T).detach().to("cpu", torch.float64)
         weights = self.gramian_weights(gramian)
         self.last_weights = weights
         return weights.to(jacobian) @ jacobian
@@ -49,17 +58,19 @@ class GradientAggregation(Strategy):
         updater = as_updater(optimizer)
         shared, specific = split_model_parameters(self.model, self.name)
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        grads = task_gradients(closure, updater, self.tasks, self.loss_weights, shared, specific)
-        if grads.is_finite():
+        grads = task_gradients(closure, updater, self.tasks, self.loss_weights, shared, specific,
+                               one_forward=shares_encoder_forward(self.model))
+        host = grads.read(self.tasks)
+        if host.finite:
             with tjd.seeded(seed, grads.jacobian.device):
-                direction = self.aggregate(grads.jacobian)
+                direction = self.aggregate(grads.jacobian, host.gramian)
         else:  # fp16 overflow: hand the non-finite sum to the updater, which skips the step
             check_non_finite(grads, updater, self.tasks, self.name)
             direction = grads.jacobian.sum(0)
         write_gradients(shared, direction, specific, grads.specific, float(updater.loss_scale))
         updater.step(final=True)
         self.num_steps += 1
-        return dict(zip(self.tasks, grads.losses))
+        return dict(zip(self.tasks, host.losses))
 
     def log_metrics(self) -> dict[str, float]:
         if self.last_weights is None:

@@ -22,5 +22,5 @@ class GradDrop(GradientAggregation):
         super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
         self.aggregator = tjd.graddrop(self.name)
 
-    def aggregate(self, jacobian: Tensor) -> Tensor:
+    def aggregate(self, jacobian: Tensor, gramian: Tensor | None = None) -> Tensor:
         return self.aggregator(jacobian)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ...registry import register_strategy
@@ -35,9 +37,12 @@ class NashMTL(GradientAggregation):
             return nash_weights(gramian)
         return self.last_weights
 
-    def aggregate(self, jacobian: Tensor) -> Tensor:
-        direction = super().aggregate(jacobian)
-        norm = float(direction.norm())
+    def aggregate(self, jacobian: Tensor, gramian: Tensor | None = None) -> Tensor:
+        if gramian is None:
+            gramian = (jacobian @ jacobian.T).detach().to("cpu", torch.float64)
+        direction = super().aggregate(jacobian, gramian)
+        weights = self.last_weights
+        norm = math.sqrt(max(float(weights @ gramian @ weights), 0.0))  # ||w^T J||, on the host
         if self.max_norm > 0 and norm > self.max_norm:
             direction = direction * (self.max_norm / norm)
         return direction

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..base import Closure, Updater, WeightingStrategy, as_updater, losses_to_floats
+from ..base import Closure, Updater, WeightingStrategy, as_updater, check_finite_losses, check_losses, to_host
 
 
 def stack_losses(losses: Mapping[str, Tensor | float], tasks: Sequence[str]) -> Tensor:
@@ -74,8 +74,12 @@ class LossWeighting(WeightingStrategy):
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
         updater = as_updater(optimizer)
         losses = closure()
-        observed = losses_to_floats(losses, self.tasks)
-        values = self.mean_losses(losses, updater)
+        check_losses(losses, self.tasks)
+        raw = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in self.tasks])
+        averaged = raw * torch.tensor([self.loss_weights[t] for t in self.tasks], dtype=torch.float64).to(raw.device)
+        updater.reduce_([averaged])
+        raw, values = to_host(raw, averaged)  # the step's one host read
+        observed = check_finite_losses(raw.tolist(), self.tasks)
         weights = self.weights(dict(zip(self.tasks, values)))
         self.last_weights = [float(weights[t]) for t in self.tasks]
         updater.zero_grad()

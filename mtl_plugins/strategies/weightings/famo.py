@@ -23,7 +23,7 @@ class FAMO(LossWeighting):
     recomputed right after the model's update (one extra forward pass without gradient). The logits
     move only when that update was applied (``needs_step_outcome``: trainers take the final step at
     once instead of deferring it), so no state is carried from one batch to the next. Losses must be
-    positive.
+    positive. FAMO reads the losses to the host twice per batch (before and after the update).
     """
 
     needs_step_outcome = True

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ...registry import register_strategy
 from ..base import Closure, Strategy, Updater, as_updater
-from ..task_gradients import split_model_parameters, task_gradients, write_gradients
+from ..task_gradients import shares_encoder_forward, split_model_parameters, task_gradients, write_gradients
 from .base import OwnedParameter
 
 
@@ -58,25 +58,26 @@ class GradNorm(Strategy):
         updater = as_updater(optimizer)
         shared, specific = split_model_parameters(self.model, self.name)
         weights = self.task_weights()
-        grads = task_gradients(closure, updater, self.tasks, self.loss_weights, shared, specific, weights.tolist())
-        values = torch.tensor([self.loss_weights[t] * v for t, v in zip(self.tasks, grads.losses)], dtype=torch.float64)
-        values = values.to(grads.jacobian.device)
-        updater.reduce_([values])
-        values = values.cpu()
-        finite = grads.is_finite()
-        if not finite and updater.loss_scale == 1.0:
+        grads = task_gradients(closure, updater, self.tasks, self.loss_weights, shared, specific, weights.tolist(),
+                               one_forward=shares_encoder_forward(self.model))
+        static = torch.tensor([self.loss_weights[t] for t in self.tasks], dtype=torch.float64)
+        averaged = grads.losses * static.to(grads.losses.device)
+        updater.reduce_([averaged])
+        host = grads.read(self.tasks, averaged)  # the step's one host read
+        values = host.extra[0]
+        if not host.finite and updater.loss_scale == 1.0:
             raise FloatingPointError(f"{self.name}: non-finite gradients")
         direction = weights.to(grads.jacobian) @ grads.jacobian
         write_gradients(shared, direction, specific, grads.specific, float(updater.loss_scale))
         stepped = updater.step(final=True) is not False
-        if finite and stepped:
+        if host.finite and stepped:
             if self.initial_losses is None:
                 self.initial_losses = values.clone()
-            norms = grads.jacobian.norm(dim=1).detach().to("cpu", torch.float64)
+            norms = host.gramian.diagonal().clamp(min=0.0).sqrt()
             self.logits.apply(self.balance_gradient(norms, values))
         self.last_weights = weights.tolist()
         self.num_steps += 1
-        return dict(zip(self.tasks, grads.losses))
+        return dict(zip(self.tasks, host.losses))
 
     def state_dict(self) -> dict[str, Any]:
         initial = None if self.initial_losses is None else self.initial_losses.clone()
