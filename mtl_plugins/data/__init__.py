@@ -53,6 +53,7 @@ BUILTIN_MODULES = (
     "dense.pascal_context",
     "dense.taskonomy",
     "dense.cityscapes",
+    "dense.rooms",
 )
 
 

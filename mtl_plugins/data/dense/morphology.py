@@ -14,20 +14,26 @@ import numpy as np
 _NEIGHBOURS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
 
 
+def _pad_last_two(array: np.ndarray, mode: str) -> np.ndarray:
+    return np.pad(array, [(0, 0)] * (array.ndim - 2) + [(1, 1), (1, 1)], mode=mode)
+
+
 def laplacian(labels: np.ndarray) -> np.ndarray:
-    """4-neighbour Laplacian (kernel [[0,1,0],[1,-4,1],[0,1,0]]) with reflect-101 borders."""
-    x = np.pad(labels.astype(np.float64), 1, mode="reflect")
-    return x[:-2, 1:-1] + x[2:, 1:-1] + x[1:-1, :-2] + x[1:-1, 2:] - 4.0 * x[1:-1, 1:-1]
+    """4-neighbour Laplacian (kernel [[0,1,0],[1,-4,1],[0,1,0]]) with reflect-101 borders, over the last
+    two axes (a stack of maps is filtered map by map)."""
+    x = _pad_last_two(labels.astype(np.float64), "reflect")
+    return x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:] - 4.0 * x[..., 1:-1, 1:-1]
 
 
 def _neighbours(image: np.ndarray) -> list[np.ndarray]:
-    padded = np.pad(image, 1, mode="constant")
-    h, w = image.shape
-    return [padded[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] for dr, dc in _NEIGHBOURS]
+    padded = _pad_last_two(image, "constant")
+    h, w = image.shape[-2:]
+    return [padded[..., 1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] for dr, dc in _NEIGHBOURS]
 
 
 def thin(mask: np.ndarray, max_iter: int | None = None) -> np.ndarray:
-    """Guo-Hall thinning of a boolean mask (pixels outside the image count as background)."""
+    """Guo-Hall thinning of a boolean mask (pixels outside the image count as background); a stack of
+    masks (``... x H x W``) is thinned mask by mask (iterating until every mask is stable)."""
     skeleton = np.asarray(mask, dtype=bool).copy()
     iterations = 0
     while max_iter is None or iterations < max_iter:
