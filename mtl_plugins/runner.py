@@ -17,9 +17,9 @@ import yaml
 from . import build_architecture
 from .data import DataBundle, build_data
 from .loss_weights import strategy_for_model
-from .metrics import delta_m, task_metric
+from .metrics import delta_m
+from .metrics.compute_metrics import ComputeMetrics
 from .metrics.paper import delta_m_selection
-from .metrics.streaming import StreamingComputeMetrics
 from .models import build_model as build_recipe_model
 from .plots import plot_loss_curves
 from .recipe_checks import resume_checkpoint
@@ -86,20 +86,6 @@ def make_strategy(recipe: Mapping[str, Any], tasks: Sequence[str], model: torch.
     """The recipe's ``strategy`` section, built for ``model`` (whose loss weights it takes)."""
     spec = recipe.get("strategy", {})
     return strategy_for_model(spec.get("name", "ew"), model, tasks, spec.get("options", {}))
-
-
-def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int) -> dict[str, float]:
-    """Each task's main metric on the eval split, as ``{"<task>/<metric>": value}``."""
-    metrics = {t: task_metric(data.task_specs[t]) for t in data.tasks}
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(data.eval), batch_size):
-            batch = data.eval[start : start + batch_size]
-            inputs = {k: v for k, v in batch.items() if k not in data.tasks}
-            logits = model(**inputs).logits
-            for t in data.tasks:
-                metrics[t].update(logits[t], batch[t])
-    return {f"{t}/{data.task_specs[t].metric}": m.compute() for t, m in metrics.items()}
 
 
 def higher_is_better(data: DataBundle, dataset: str | None = None,
@@ -185,7 +171,7 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     recorder = LogRecorder(log_path if is_main_process() else None)
     trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                strategy=strategy, tasks=tasks, callbacks=[recorder], optimizer_cls_and_kwargs=optimizer,
-                               compute_metrics=StreamingComputeMetrics(data.task_specs, tasks=tasks))
+                               compute_metrics=ComputeMetrics(data.task_specs, tasks=tasks))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgress(label or f"multi-task ({trainer.strategy.name})"))

@@ -3,7 +3,7 @@
 Run by tests/test_trainer_ddp.py as
 ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT STRATEGY...``;
 each rank trains every listed strategy and saves its parameters, buffers and strategy state to
-``OUT/rank<r>.pt``.
+``OUT/rank<r>.pt`` (and, for ``ew``, the metrics of the trained model evaluated on both processes).
 """
 
 from __future__ import annotations
@@ -214,6 +214,28 @@ def train_one(name: str, output_dir: str, batch_size: int, steps: int):
     return trainer
 
 
+#: Evaluation examples: 13 over 2 processes x batches of 4 pads the last batches with repeats.
+EVAL_SIZE = 13
+
+
+def evaluate_on_every_rank(model: nn.Module, output_dir: str) -> dict:
+    """The Trainer's evaluation (batches gathered over processes) and the streaming evaluation of
+    this rank's shard only (states summed over processes), of the vector data with seed 1."""
+    import torch.distributed as dist
+
+    from mtl_plugins.metrics import evaluate_batches, make_compute_metrics
+    from mtl_plugins.trainers import MultiTaskTrainer
+
+    data = vector_data(EVAL_SIZE, seed=1)
+    args = ddp_args(output_dir, 4, 1, per_device_eval_batch_size=4, batch_eval_metrics=True)
+    trainer = MultiTaskTrainer(model=model, args=args, eval_dataset=data, strategy="ew", tasks=TASKS,
+                               compute_metrics=make_compute_metrics(SPECS))
+    gathered = trainer.evaluate()
+    rows = data[dist.get_rank()::dist.get_world_size()]
+    shard = [{k: rows[k][i : i + 4] for k in ("features", *TASKS)} for i in range(0, len(rows["a"]), 4)]
+    return {"trainer": gathered, "sharded": evaluate_batches(model, shard, SPECS)}
+
+
 def main(argv: Sequence[str]) -> None:
     import torch.distributed as dist
 
@@ -223,6 +245,8 @@ def main(argv: Sequence[str]) -> None:
         trainer = train_one(name, os.path.join(out, name), batch_size=4, steps=4)
         results[name] = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                          "strategy": trainer.strategy.state_dict(), "log": trainer.state.log_history}
+        if name == "ew":
+            results[name]["evaluation"] = evaluate_on_every_rank(trainer.model, os.path.join(out, "eval"))
     rank = dist.get_rank()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()

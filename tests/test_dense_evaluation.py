@@ -1,17 +1,15 @@
-"""Streaming multi-task evaluation: Trainer compute_metrics, evaluate modules, the papers' Delta_m."""
+"""Streaming multi-task evaluation: the metrics of every task, the Trainer compute_metrics, the papers' Delta_m."""
 
 from __future__ import annotations
 
-import evaluate
 import pytest
 import torch
 from torch import nn
 
+from mtl_plugins.metrics.compute_metrics import ComputeMetrics
 from mtl_plugins.metrics.delta_m import delta_m
-from mtl_plugins.metrics.evaluate_modules import DenseEvaluationModule, task_evaluation_modules
-from mtl_plugins.metrics.dense import SegmentationMetric
+from mtl_plugins.metrics.evaluation import build_metrics, evaluate_batches
 from mtl_plugins.metrics.paper import delta_m_selection, paper_delta_m, paper_numbers, paper_results
-from mtl_plugins.metrics.streaming import MultiTaskEvaluator, StreamingComputeMetrics, evaluate_batches
 from mtl_plugins.tasks import TaskSpec
 from transformers import EvalPrediction
 
@@ -33,7 +31,7 @@ def batches(n=4, seed=0):
 
 
 def direct(data):
-    evaluator = MultiTaskEvaluator(SPECS)
+    evaluator = build_metrics(SPECS)
     for b in data:
         evaluator.update(b["logits"], b["labels"])
     return evaluator.compute()
@@ -41,7 +39,7 @@ def direct(data):
 
 def test_evaluator_reports_every_metric_and_the_main_ones():
     data = batches()
-    evaluator = MultiTaskEvaluator(SPECS)
+    evaluator = build_metrics(SPECS)
     for b in data:
         evaluator.update(b["logits"], b["labels"])
     everything = evaluator.compute()
@@ -54,7 +52,7 @@ def test_evaluator_reports_every_metric_and_the_main_ones():
 def test_batch_compute_metrics_streams_and_equals_whole_set():
     data = batches()
     baseline = {"semseg/miou": 20.0, "depth/rmse": 1.5}
-    fn = StreamingComputeMetrics(SPECS, baseline=baseline)
+    fn = ComputeMetrics(SPECS, reference=baseline)
     for i, b in enumerate(data):
         # the Trainer passes (logits, losses) tuples and labels in label_names order
         pred = EvalPrediction(predictions=(b["logits"], {"semseg": torch.tensor(1.0)}),
@@ -102,32 +100,10 @@ def test_trainer_batch_eval_metrics_equals_direct_evaluation(tmp_path):
     model = TinyDense()
     args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=3, batch_eval_metrics=True, report_to=[],
                              label_names=["semseg", "depth"], use_cpu=True)
-    trainer = Trainer(model=model, args=args, eval_dataset=dataset, compute_metrics=StreamingComputeMetrics(SPECS))
+    trainer = Trainer(model=model, args=args, eval_dataset=dataset, compute_metrics=ComputeMetrics(SPECS))
     metrics = trainer.evaluate()
     expected = evaluate_batches(model, [{k: v[i : i + 3] for k, v in data.items()} for i in range(0, n, 3)], SPECS)
     assert {k[len("eval_"):]: v for k, v in metrics.items() if k[len("eval_"):] in expected} == pytest.approx(expected)
-
-
-def test_evaluate_combine_routes_each_task_and_matches_direct():
-    data = batches()
-    combined = evaluate.combine(task_evaluation_modules(SPECS), force_prefix=True)
-    for b in data[:-1]:
-        combined.add_batch(predictions=b["logits"], references=b["labels"])
-    result = combined.compute(predictions=data[-1]["logits"], references=data[-1]["labels"])
-    expected = {k.replace("/", "_"): v for k, v in direct(data).items()}
-    assert result == pytest.approx(expected)
-
-
-def test_evaluate_module_single_examples_and_errors():
-    data = batches(2)
-    module = DenseEvaluationModule(SegmentationMetric(4), name="seg")
-    for b in data:
-        for logits, label in zip(b["logits"]["semseg"], b["labels"]["semseg"]):
-            module.add(prediction=logits, reference=label)
-    expected = direct(data)
-    assert module.compute()["miou"] == pytest.approx(expected["semseg/miou"])
-    with pytest.raises(ValueError, match="no task"):
-        module.add_batch(predictions=data[0]["logits"], references=data[0]["labels"])
 
 
 def test_shipped_paper_numbers_reproduce_their_delta_m():

@@ -261,14 +261,15 @@ def test_task_metric_dispatches_dense_kinds_by_main_metric():
         task_metric(TaskSpec("normals", 3, "normals_l1", "accuracy", False))
 
 
-def test_sync_without_process_group_is_idempotent_and_freezes_updates():
-    metric = feed(DepthMetric(), depth_batches())
+def test_compute_without_process_group_is_repeatable_and_reset_forgets():
+    batches = depth_batches()
+    metric = feed(DepthMetric(), batches[:2])
     before = metric.compute_all()
-    metric.sync()
-    metric.sync()
-    assert metric.compute_all() == before
-    with pytest.raises(RuntimeError, match="reset"):
-        metric.update(*depth_batches()[0])
+    metric.sync()  # no process group: nothing to sum
+    assert metric.compute_all() == before and metric.compute() == before["rmse"]
+    metric.update(*batches[2])  # computing does not end the evaluation: updates keep adding
+    assert metric.compute_all() == pytest.approx(ref_depth([p.numpy() for p, _ in batches],
+                                                           [t.numpy() for _, t in batches]), rel=1e-12)
     metric.reset()
     with pytest.raises(ValueError, match="no valid pixel"):
         metric.compute()

@@ -195,9 +195,17 @@ def test_runner_fit_trains_through_the_trainer_and_reports_test_metrics(tmp_path
     result = runner.fit(recipe, progress=False, output_dir=tmp_path)
     assert result["steps"] == 2 and [r["step"] for r in result["records"]] == [1, 2]
     assert all(f"loss/{t}" in r for r in result["records"] for t in ("left", "sum"))
-    # the Trainer's evaluation equals the plain evaluation of the same model
-    expected = runner.evaluate(result["model"], result["data"], batch_size=7)
-    assert result["metrics"] == pytest.approx(expected, rel=1e-6)
+    # the Trainer's evaluation equals the metrics computed here, in NumPy float64, from the model's
+    # outputs on the whole eval split: accuracy of the arg-max, and the mean absolute error in digit
+    # units (the sum target is (left + right) / 18)
+    rows = result["data"].eval[:]
+    with torch.no_grad():
+        out = result["model"].eval()(pixel_values=rows["pixel_values"]).logits
+    logits = {t: out[t].double().numpy() for t in ("left", "sum")}
+    labels = {t: rows[t].double().numpy() for t in ("left", "sum")}
+    accuracy = np.mean(np.argmax(logits["left"], axis=1) == labels["left"])
+    mae = np.mean(np.abs(logits["sum"].reshape(-1) - labels["sum"])) * 18.0
+    assert result["metrics"] == pytest.approx({"left/accuracy": accuracy, "sum/mae": mae}, rel=1e-6)
     assert not (tmp_path / "checkpoints").exists()
     with pytest.raises(ValueError, match="unknown training options \\['epochs'\\]"):
         runner.training_options({"training": {"epochs": 2}})

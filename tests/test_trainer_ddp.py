@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import mtl_plugins
-from ddp_worker import same, train_one
+from ddp_worker import EVAL_SIZE, same, train_one, vector_data, vector_model
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,22 @@ def test_equals_one_process_on_the_concatenated_batch(ranks, name, tmp_path):
 def test_conn_strength_ran_both_phases(ranks):
     assert ranks[0]["conn_strength_phase2"]["strategy"]["phase_counts"] == [0, STEPS]
     assert ranks[0]["conn_strength"]["strategy"]["phase_counts"][0] == STEPS  # epoch 0: Phase 1 only
+
+
+def test_evaluation_on_two_processes_equals_numpy_on_the_whole_set(ranks):
+    model = vector_model()
+    model.load_state_dict(ranks[0]["ew"]["model"])
+    rows = vector_data(EVAL_SIZE, seed=1)[:]
+    with torch.no_grad():
+        out = model.eval()(features=rows["features"])["logits"]
+    # float64 NumPy from the model's outputs on all 13 examples, each counted once
+    accuracy = np.mean(np.argmax(out["a"].double().numpy(), axis=1) == rows["a"].numpy())
+    mae = np.mean(np.abs(out["b"].double().numpy().reshape(-1) - rows["b"].double().numpy()))
+    for rank in ranks:
+        evaluation = rank["ew"]["evaluation"]
+        assert evaluation["trainer"]["eval_a/accuracy"] == pytest.approx(accuracy, rel=1e-12)
+        assert evaluation["trainer"]["eval_b/mae"] == pytest.approx(mae, rel=1e-6)
+        assert evaluation["sharded"] == pytest.approx({"a/accuracy": accuracy, "b/mae": mae}, rel=1e-6)
 
 
 def test_mtl_train_on_two_processes_writes_one_set_of_outputs(tmp_path):

@@ -3,10 +3,11 @@
 Importing this package imports ``transformers``; ``import mtl_plugins`` alone does not.
 """
 
+from mtl_plugins.metrics.compute_metrics import make_compute_metrics
+
 from .arguments import MultiTaskTrainingArguments
 from .callbacks import LogRecorder, LossProgress
 from .checkpoint import STRATEGY_STATE_NAME, load_strategy_state, save_strategy_state
-from .metrics import MultiTaskMetrics, make_compute_metrics
 from .trainer import MultiTaskTrainer
 from .updater import AcceleratedUpdater
 
@@ -15,7 +16,6 @@ __all__ = [
     "AcceleratedUpdater",
     "LogRecorder",
     "LossProgress",
-    "MultiTaskMetrics",
     "MultiTaskTrainer",
     "MultiTaskTrainingArguments",
     "load_strategy_state",
