@@ -136,7 +136,8 @@ def test_connection_strength_follows_the_formula():
 
 
 def test_transformers_resnet_converts_every_norm_and_keeps_outputs():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], layer_type="bottleneck",
                                        out_features=["stage1", "stage2"])
     for cls in (transformers.ResNetModel, transformers.ResNetBackbone):
@@ -218,7 +219,8 @@ def test_safetensors_round_trip_keeps_the_per_task_connections(tmp_path):
 
 
 def test_scale_shift_extension_for_transformer_backbones():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=12, max_position_embeddings=8)
     torch.manual_seed(0)

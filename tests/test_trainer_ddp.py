@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import mtl_plugins
 from ddp_worker import EVAL_SIZE, same, train_one, vector_data, vector_model
 
 pytestmark = pytest.mark.slow
@@ -24,9 +23,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update", "pcgrad"]
 #: Need BatchNorm connections (batch statistics differ per process): ranks identical only.
 RANKS_ONLY = ["conn_strength", "conn_strength_phase2"]
-REGISTERED = set(mtl_plugins.available_strategies())
-NAMES = [n for n in EXACT + RANKS_ONLY if n not in ("sel_update", "conn_strength", "conn_strength_phase2")
-         or n.replace("_phase2", "") in REGISTERED]
+NAMES = EXACT + RANKS_ONLY
 STEPS, BATCH = 4, 4
 
 
@@ -69,7 +66,6 @@ def test_equals_one_process_on_the_concatenated_batch(ranks, name, tmp_path):
         assert single.strategy.groups == ranks[0][name]["strategy"]["groups"]
 
 
-@pytest.mark.skipif("conn_strength" not in REGISTERED, reason="conn_strength not registered")
 def test_conn_strength_ran_both_phases(ranks):
     assert ranks[0]["conn_strength_phase2"]["strategy"]["phase_counts"] == [0, STEPS]
     assert ranks[0]["conn_strength"]["strategy"]["phase_counts"][0] == STEPS  # epoch 0: Phase 1 only
