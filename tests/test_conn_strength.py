@@ -12,7 +12,7 @@ from mtl_plugins.architectures import HPS
 from mtl_plugins.architectures.task_connections import TaskBatchNorm
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies.base import Updater
-from mtl_plugins.strategies.conn_strength import combine_task_gradients
+from mtl_plugins.strategies.conn_strength import combine_task_gradients, priority_shares
 
 TASKS = ["a", "b", "c", "d"]
 
@@ -88,6 +88,72 @@ def test_degenerate_priority_is_the_plain_sum():
     got = combine_task_gradients(grads, strength)
     assert torch.allclose(got, reference_layer(grads, strength)[0], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(got, grads.sum(0))
+
+
+def test_exact_ties_give_the_channel_to_the_lowest_task_index():
+    # 5 tasks with exact ties of 2 to 5 tasks on every channel: the top task is the lowest tied index
+    # (the reference's rule), whatever the device's argmax or topk would pick.
+    g = torch.Generator().manual_seed(4)
+    grads = torch.randn(5, 12, 3, dtype=torch.float64, generator=g)
+    grads[2] = -0.8 * grads[1] + 0.2 * grads[2]
+    strength = torch.rand(5, 12, dtype=torch.float64, generator=g)
+    for p in range(12):
+        tied = torch.randperm(5, generator=g)[: 2 + p % 4]
+        strength[tied, p] = 1.5
+    expected, projections = reference_layer(grads, strength)
+    assert projections > 0
+    assert torch.allclose(combine_task_gradients(grads, strength), expected, rtol=1e-12, atol=1e-12)
+    top = [min(t for t in range(5) if strength[t, p] == 1.5) for p in range(12)]
+    assert priority_shares(strength).tolist() == [top.count(t) / 12 for t in range(5)]
+
+
+def incomplete_norm_model():
+    """make_model with a BatchNorm without affine parameters after the first conv."""
+    torch.manual_seed(2)
+    encoder = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
+                            nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    heads = {t: nn.Linear(8, 3 if t in ("b", "d") else 1) for t in TASKS}
+    losses = {t: "cross_entropy" if t in ("b", "d") else "mse" for t in TASKS}
+    model = HPS(TASKS, encoder=encoder, heads=heads, losses=losses).double()
+    mtl_plugins.build_architecture("task_connections", TASKS, model=model)
+    g = torch.Generator().manual_seed(2)
+    for norm in [*model.encoder[1].norms.values(), *model.encoder[4].norms.values()]:  # per-task values
+        c = norm.num_features
+        norm.running_var = torch.rand(c, generator=g, dtype=torch.float64) + 0.3
+        if norm.weight is not None:
+            norm.weight.data = torch.randn(c, generator=g, dtype=torch.float64)
+    return model
+
+
+@pytest.mark.parametrize("incomplete_norms", ["extend", "released"])
+def test_norms_without_affine_parameters(incomplete_norms):
+    # extend: strength with gamma = 1 and projection; released: the released core finds no BatchNorm
+    # weight by name, so that conv gets the plain sum of the task gradients.
+    model = incomplete_norm_model()
+    batch = make_batch(2, dtype=torch.float64)
+    per_task = per_task_reference(model, batch)
+    strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=model, schedule="phase2",
+                                          incomplete_norms=incomplete_norms)
+    updater = Recorder(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    strategy.step(make_closure(model, batch), updater)
+    got = updater.grads[0]
+    for name, norm in (("encoder.0.weight", model.encoder[1]), ("encoder.3.weight", model.encoder[4])):
+        grads = torch.stack([per_task[t][name] for t in TASKS])
+        weight = dict(model.named_parameters())[name].detach()
+        s = torch.stack([(weight[p] ** 2).sum() for p in range(weight.shape[0])])
+        rows = []
+        for t in TASKS:
+            n = norm.norms[t]
+            gamma2 = n.weight.detach() ** 2 if n.weight is not None else torch.ones_like(s)
+            raw = gamma2 / (n.running_var + 1e-5) * s
+            rows.append(raw / raw.sum())
+        projected, projections = reference_layer(grads, torch.stack(rows))
+        assert projections > 0, name
+        plain = incomplete_norms == "released" and name == "encoder.0.weight"
+        expected = grads.sum(0) if plain else projected
+        assert torch.allclose(got[name], expected, rtol=1e-10, atol=1e-12), name
+        assert not torch.allclose(got[name], projected if plain else grads.sum(0)), name
 
 
 def test_combination_rejects_mismatched_strength():
@@ -492,6 +558,8 @@ def test_bad_configuration_is_rejected():
         mtl_plugins.build_strategy("conn_strength", TASKS, model=model, schedule="alternate")
     with pytest.raises(ValueError, match="switch_point"):
         mtl_plugins.build_strategy("conn_strength", TASKS, model=model, switch_point=1.5)
+    with pytest.raises(TypeError, match="incomplete_norms"):
+        mtl_plugins.build_strategy("conn_strength", TASKS, model=model, incomplete_norms="ignore")
     strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=model)
     with pytest.raises(KeyError, match="no loss for 'a'"):
         strategy.step(lambda task=None: {}, torch.optim.SGD(model.parameters(), lr=0.1))

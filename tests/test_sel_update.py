@@ -541,12 +541,18 @@ def test_zero_filled_gradients_are_refused():
 
 
 # -- resume -----------------------------------------------------------------------------------------
-def test_resume_is_exact():
+RELEASED_OPTIONS = {"attribution": "reference", "column_scaling": "released", "freeze_idle_tasks": False,
+                    "affinity_dtype": "float32", "retry_rule": "released"}
+
+
+@pytest.mark.parametrize("options", [{}, RELEASED_OPTIONS])
+def test_resume_is_exact(options):
     batches = make_batches(10, seed=2)
 
     def fresh():
         model = tiny_model(seed=1)
-        return model, SelectiveGroupUpdate(TASKS, warmup_steps=2, affinity_decay=0.2, seed=4, history_window=6), \
+        return model, SelectiveGroupUpdate(TASKS, warmup_steps=2, affinity_decay=0.2, seed=4, history_window=6,
+                                           **options), \
             torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3)
 
     model, strategy, optimizer = fresh()
@@ -575,6 +581,14 @@ def test_resume_is_exact():
     assert strategy3.history.maxlen == 6 and len(strategy3.history) == 6
     for r, r3 in zip(strategy.history, strategy3.history):
         assert r["order"] == r3["order"] and r["losses"] == r3["losses"] and torch.equal(r["affinity"], r3["affinity"])
+
+
+def test_unfrozen_resume_needs_the_gradient_record():
+    state = SelectiveGroupUpdate(TASKS).state_dict()
+    del state["gradient_seen"]
+    SelectiveGroupUpdate(TASKS).load_state_dict(state)  # frozen idle tasks do not need it
+    with pytest.raises(KeyError, match="gradient_seen"):
+        SelectiveGroupUpdate(TASKS, freeze_idle_tasks=False).load_state_dict(state)
 
 
 def test_load_state_dict_rejects_a_different_task_set():

@@ -14,6 +14,7 @@ from mtl_plugins.architectures.task_connections import (
     has_task_connections,
     layer_strength,
     task_connections,
+    top_priority_task,
 )
 
 TASKS = ["a", "b", "c"]
@@ -374,3 +375,49 @@ def test_plugin_passes_options_to_the_model_and_checks_its_tasks():
     with pytest.raises(TypeError, match=r"does not accept the options \['example_input'\]"):
         mtl_plugins.build_architecture("task_connections", ["a", "b"], model=SelfConverting(),
                                        example_input=torch.zeros(1))
+
+
+def test_float64_strengths_keep_a_1e9_relative_gap():
+    # Two tasks, two channels of equal weight: task b's gamma on channel 0 is 1e-9 larger, so its
+    # normalised strength there is ~1e-9 (relatively) larger and b is the top task. In float32 the
+    # gap vanishes (a tie, which goes to task a).
+    model = add_task_connections(nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2)), ["a", "b"],
+                                 example_input=torch.randn(2, 1, 3, 3)).double()
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[1].norms["b"].weight[0] = 1 + 1e-9
+    layer = connected_layers(model)[0]
+    strength = layer_strength(layer)
+    assert strength.dtype == torch.float64
+    rows = []
+    for task in ("a", "b"):
+        norm = model[1].norms[task]  # plain float64 arithmetic
+        raw = [float(norm.weight[p].detach()) ** 2 / (float(norm.running_var[p]) + 1e-5) * 0.25 for p in range(2)]
+        rows.append([r / sum(raw) for r in raw])
+    assert rows[1][0] / rows[0][0] - 1 == pytest.approx(1e-9, rel=1e-3)
+    torch.testing.assert_close(strength, torch.tensor(rows, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert top_priority_task(strength).tolist() == [1, 0]
+    float32 = torch.tensor(rows, dtype=torch.float32)
+    assert float32[0, 0] == float32[1, 0] and top_priority_task(float32).tolist() == [0, 0]
+
+
+def test_top_priority_ties_go_to_the_lowest_task_index():
+    # Exact ties of 2 to 5 tasks, in columns where the tied tasks are not the first ones.
+    g = torch.Generator().manual_seed(0)
+    strength = torch.rand(5, 40, generator=g)
+    for p in range(40):
+        tied = torch.randperm(5, generator=g)[: 2 + p % 4]
+        strength[tied, p] = 2.0
+    expected = [min(t for t in range(5) if strength[t, p] == strength[:, p].max()) for p in range(40)]
+    assert top_priority_task(strength).tolist() == expected
+    assert {sum(strength[:, p] == 2.0).item() for p in range(40)} == {2, 3, 4, 5}
+
+
+def test_norms_without_affine_parameters_are_incomplete():
+    model = add_task_connections(nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2, affine=False),
+                                               nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm2d(2)), ["a", "b"],
+                                 example_input=torch.randn(2, 1, 3, 3))
+    first, second = connected_layers(model)
+    assert not first.connection.complete and second.connection.complete
+    factors = first.connection.strength_factors()  # gamma = 1: 1 / (running_var + eps)
+    torch.testing.assert_close(factors, torch.full((2, 2), 1 / (1 + 1e-5)))

@@ -16,7 +16,14 @@ Connection strength of output channel ``p`` of weight ``W`` for task ``tau`` (Ba
 
     S_p^tau = gamma_{tau,p}^2 / (running_var_{tau,p} + 1e-5) * sum_{q,m,n} W[p, q, m, n]^2
 
-normalised over channels per task; the top-priority task of channel ``p`` is the argmax over tasks.
+normalised over channels per task; the top-priority task of channel ``p`` is the argmax over tasks,
+the lowest task index among exact ties (:func:`top_priority_task`). Strengths are computed in the
+parameters' dtype (float32 at least), so a float64 model gets float64 strengths.
+
+A BatchNorm without affine parameters counts with ``gamma = 1`` (and one without running statistics
+with a variance term of 1): this project's extension. The released core pairs a conv with the
+per-task BatchNorm weights and running variances by name, so it gives such layers the plain sum of
+the task gradients instead (``TaskConnection.complete`` is False for them).
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ STRENGTH_EPS = 1e-5
 #: Weight layers whose output channels (dim 0 of the weight) a connection can follow.
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 Mode = Literal["auto", "batchnorm", "scale_shift"]
+
+
+def strength_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype connection strengths are computed in: the tensors' promoted dtype, float32 at least."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 class TaskConnection(nn.Module):
@@ -75,6 +90,11 @@ class TaskConnection(nn.Module):
         """Per-task channel factors ``[K, C]`` multiplying ``sum_q W[p, q]^2`` (tasks in ``self.tasks`` order)."""
         raise NotImplementedError
 
+    @property
+    def complete(self) -> bool:
+        """Whether every task's connection has the parameters the released core measures strength from."""
+        return True
+
 
 class TaskBatchNorm(TaskConnection):
     """One BatchNorm per task (``norms[task]``), each initialised as a copy of the original."""
@@ -92,15 +112,23 @@ class TaskBatchNorm(TaskConnection):
     def strength_factors(self) -> Tensor:
         """``gamma^2 / (running_var + eps)``; gamma is 1 without affine, the variance term 1 without running stats."""
         rows = []
-        device = self.source.weight.device
+        weight = self.source.weight
         for t in self.tasks:
             norm = self.norms[t]
-            gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones(norm.num_features, device=device)
-            factor = gamma**2
+            present = [x for x in (norm.weight, norm.running_var) if x is not None]
+            dtype = strength_dtype(weight, *present)
+            gamma = norm.weight.detach() if norm.weight is not None else torch.ones(norm.num_features, device=weight.device)
+            factor = gamma.to(dtype) ** 2
             if norm.running_var is not None:
-                factor = factor / (norm.running_var.detach().float() + STRENGTH_EPS)
+                factor = factor / (norm.running_var.detach().to(dtype) + STRENGTH_EPS)
             rows.append(factor)
-        return torch.stack(rows)
+        dtype = strength_dtype(*rows)
+        return torch.stack([row.to(dtype) for row in rows])
+
+    @property
+    def complete(self) -> bool:
+        """False when a task's BatchNorm has no affine weight or no running variance."""
+        return all(norm.weight is not None and norm.running_var is not None for norm in self.norms.values())
 
 
 class TaskScaleShift(TaskConnection):
@@ -125,7 +153,8 @@ class TaskScaleShift(TaskConnection):
 
     def strength_factors(self) -> Tensor:
         """``gamma^2`` (the per-task scale squared)."""
-        return torch.stack([self.scale[t].detach().float() ** 2 for t in self.tasks])
+        scales = [self.scale[t].detach() for t in self.tasks]
+        return torch.stack(scales).to(strength_dtype(*scales)) ** 2
 
 
 def _apply_task_connection(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
@@ -349,10 +378,20 @@ def connected_layers(model: nn.Module) -> list[ConnectedLayer]:
 
 def normalized_strength(weight: Tensor, factors: Tensor) -> Tensor:
     """``S^_p^tau``: per-task strengths ``factors[tau, p] * sum_q W[p, q]^2``, normalised over channels."""
-    squares = weight.detach().float().pow(2).reshape(weight.shape[0], -1).sum(1)
-    strength = factors.to(squares.device) * squares
+    dtype = strength_dtype(weight, factors)
+    squares = weight.detach().to(dtype).pow(2).reshape(weight.shape[0], -1).sum(1)
+    strength = factors.to(device=squares.device, dtype=dtype) * squares
     total = strength.sum(1, keepdim=True)
     return torch.where(total > 0, strength / torch.where(total > 0, total, 1.0), 0.0)
+
+
+def top_priority_task(strength: Tensor) -> Tensor:
+    """``nu(p)``: per channel, the task (row) of largest strength in ``strength`` ``[K, C]``; among exact
+    ties the lowest task index, on every device (the released core's ``topk`` leaves ties unspecified)."""
+    num_tasks = strength.shape[0]
+    index = torch.arange(num_tasks, device=strength.device)[:, None].expand_as(strength)
+    at_max = strength == strength.max(0, keepdim=True).values
+    return torch.where(at_max, index, num_tasks).min(0).values
 
 
 def layer_strength(layer: ConnectedLayer, tasks: Sequence[str] | None = None) -> Tensor:

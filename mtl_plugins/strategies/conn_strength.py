@@ -26,17 +26,20 @@ from ..architectures.task_connections import (
     ConnectedLayer,
     connected_layers,
     layer_strength,
+    top_priority_task,
 )
 from ..registry import register_strategy
 from .base import Closure, Strategy, Updater, as_updater, losses_to_floats
 
 Schedule = Literal["mixed", "phase1", "phase2", "sequential"]
+IncompleteNorms = Literal["extend", "released"]
 
 
 def combine_task_gradients(grads: Tensor, strength: Tensor) -> Tensor:
     """Phase-2 gradient of one connected layer from per-task gradients ``grads`` ``[K, C, ...]``.
 
-    ``strength`` ``[K, C]`` gives each channel's top-priority task ``nu(p) = argmax_tau``. On the
+    ``strength`` ``[K, C]`` gives each channel's top-priority task ``nu(p) = argmax_tau`` (the lowest
+    task index among exact ties, :func:`top_priority_task`). On the
     channel group ``CG_i = {p : nu(p) = i}``, every task ``j != i`` whose gradient conflicts with task
     ``i``'s (negative inner product over the group) is projected:
     ``G_j <- G_j - <G_i, G_j> / ||G_i||^2 G_i``; the result is the sum over tasks. No projection when
@@ -46,7 +49,7 @@ def combine_task_gradients(grads: Tensor, strength: Tensor) -> Tensor:
     if strength.shape != (num_tasks, channels):
         raise ValueError(f"strength must have shape {(num_tasks, channels)}, got {tuple(strength.shape)}")
     flat = grads.reshape(num_tasks, channels, -1)
-    return combine_flat(flat, strength.argmax(0)).reshape(grads.shape[1:])
+    return combine_flat(flat, top_priority_task(strength)).reshape(grads.shape[1:])
 
 
 def combine_flat(grads: Tensor, top: Tensor) -> Tensor:
@@ -72,7 +75,7 @@ def combine_flat(grads: Tensor, top: Tensor) -> Tensor:
 def priority_shares(strength: Tensor) -> Tensor:
     """Share of channels whose top-priority task is each task (``[K]``, sums to 1)."""
     num_tasks, channels = strength.shape
-    return torch.bincount(strength.argmax(0), minlength=num_tasks).float() / channels
+    return torch.bincount(top_priority_task(strength), minlength=num_tasks).float() / channels
 
 
 @register_strategy("conn_strength", aliases=("ConnStrength",))
@@ -85,6 +88,16 @@ class ConnectionStrength(Strategy):
     ``draw``: ``"batch"`` draws for every batch; ``"epoch"`` draws once per epoch, the epoch coming
     from ``set_progress(progress, epoch=e)`` or, when the caller gives none, from
     ``floor(progress * epochs)``.
+    ``incomplete_norms``: how a layer whose per-task BatchNorms lack affine weights or running
+    variances is combined in Phase 2: ``"extend"`` (default, this project's extension) measures its
+    strength with ``gamma = 1`` (variance term 1) and projects; ``"released"`` gives it the plain sum
+    of the task gradients, as the released core does (its name match finds no BatchNorm weight).
+
+    Agreement with the released core: strengths are computed in the parameters' dtype, as there;
+    an exact tie for a channel's top task goes to the lowest task index here, while the released
+    core's ``torch.topk`` leaves ties unspecified (on CPU it picks another index for 4 or more equal
+    values); with ``incomplete_norms="released"`` everything else follows it. Its phase draws came
+    from Python's global RNG, so they cannot be matched draw for draw.
     """
 
     needs_task_forward = True
@@ -98,6 +111,7 @@ class ConnectionStrength(Strategy):
         *,
         model: nn.Module | None = None,
         schedule: Schedule = "mixed",
+        incomplete_norms: IncompleteNorms = "extend",
         switch_point: float = 0.5,
         draw: Literal["batch", "epoch"] = "batch",
         epochs: int | None = None,
@@ -108,6 +122,8 @@ class ConnectionStrength(Strategy):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
         if schedule not in ("mixed", "phase1", "phase2", "sequential"):
             raise ValueError(f"schedule must be 'mixed', 'phase1', 'phase2' or 'sequential', got {schedule!r}")
+        if incomplete_norms not in ("extend", "released"):
+            raise ValueError(f"incomplete_norms must be 'extend' or 'released', got {incomplete_norms!r}")
         if draw not in ("batch", "epoch"):
             raise ValueError(f"draw must be 'batch' or 'epoch', got {draw!r}")
         if not 0.0 <= switch_point <= 1.0:
@@ -129,6 +145,7 @@ class ConnectionStrength(Strategy):
         self.model = model
         self.schedule, self.switch_point, self.draw, self.epochs = schedule, float(switch_point), draw, epochs
         self.max_timeline = max_timeline
+        self.incomplete_norms = incomplete_norms
         self.last_phase: int | None = None
         self.phase_counts = [0, 0]
         self.timeline: list[dict[str, Any]] = []
@@ -223,9 +240,13 @@ class ConnectionStrength(Strategy):
             self._reduce_gradients(updater, per_task)
         with torch.no_grad():
             for layer, grads in zip(self.layers, per_task):
-                if grads is not None:
-                    top = layer_strength(layer, self.tasks).argmax(0)
-                    layer.weight.grad.copy_(combine_flat(grads, top).view_as(layer.weight))  # type: ignore[union-attr]
+                if grads is None:
+                    continue
+                if self.incomplete_norms == "released" and not layer.connection.complete:
+                    combined = grads.sum(0)  # the released core finds no per-task BatchNorm weight: plain sum
+                else:
+                    combined = combine_flat(grads, top_priority_task(layer_strength(layer, self.tasks)))
+                layer.weight.grad.copy_(combined.view_as(layer.weight))  # type: ignore[union-attr]
         updater.step(final=True)
         return values
 
