@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from test_dense_metrics import ref_depth, ref_segmentation
+
 from mtl_plugins.metrics.compute_metrics import ComputeMetrics
 from mtl_plugins.metrics.delta_m import delta_m
 from mtl_plugins.metrics.evaluation import build_metrics, evaluate_batches
@@ -30,11 +32,17 @@ def batches(n=4, seed=0):
     return out
 
 
+def reference(logits, labels):
+    """Every metric from the NumPy references of test_dense_metrics (float64, over all batches)."""
+    segmentation = ref_segmentation([l.argmax(1).numpy() for l in logits["semseg"]],
+                                    [t.numpy() for t in labels["semseg"]], 4)
+    depth = ref_depth([p.numpy() for p in logits["depth"]], [t.numpy() for t in labels["depth"]])
+    return {**{f"semseg/{k}": v for k, v in segmentation.items()}, **{f"depth/{k}": v for k, v in depth.items()}}
+
+
 def direct(data):
-    evaluator = build_metrics(SPECS)
-    for b in data:
-        evaluator.update(b["logits"], b["labels"])
-    return evaluator.compute()
+    return reference({t: [b["logits"][t] for b in data] for t in SPECS},
+                     {t: [b["labels"][t] for b in data] for t in SPECS})
 
 
 def test_evaluator_reports_every_metric_and_the_main_ones():
@@ -44,6 +52,7 @@ def test_evaluator_reports_every_metric_and_the_main_ones():
         evaluator.update(b["logits"], b["labels"])
     everything = evaluator.compute()
     assert set(everything) == {"semseg/miou", "semseg/pixel_acc", "depth/rmse", "depth/abs_err", "depth/abs_rel"}
+    assert everything == pytest.approx(direct(data), rel=1e-12)
     assert evaluator.main_metrics() == {"semseg/miou": everything["semseg/miou"], "depth/rmse": everything["depth/rmse"]}
     with pytest.raises(KeyError, match="no labels for task 'depth'"):
         evaluator.update(data[0]["logits"], {"semseg": data[0]["labels"]["semseg"]})
@@ -102,8 +111,12 @@ def test_trainer_batch_eval_metrics_equals_direct_evaluation(tmp_path):
                              label_names=["semseg", "depth"], use_cpu=True)
     trainer = Trainer(model=model, args=args, eval_dataset=dataset, compute_metrics=ComputeMetrics(SPECS))
     metrics = trainer.evaluate()
-    expected = evaluate_batches(model, [{k: v[i : i + 3] for k, v in data.items()} for i in range(0, n, 3)], SPECS)
+    with torch.no_grad():
+        logits = model(pixel_values=data["pixel_values"])["logits"]
+    expected = reference({t: [logits[t]] for t in SPECS}, {t: [data[t]] for t in SPECS})
     assert {k[len("eval_"):]: v for k, v in metrics.items() if k[len("eval_"):] in expected} == pytest.approx(expected)
+    streamed = evaluate_batches(model, [{k: v[i : i + 3] for k, v in data.items()} for i in range(0, n, 3)], SPECS)
+    assert streamed == pytest.approx(expected)
 
 
 def test_shipped_paper_numbers_reproduce_their_delta_m():
