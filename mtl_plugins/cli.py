@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in notes if int(os.environ.get("RANK", "0")) == 0 else ():
         print(f"mtl-train: note: {note}", file=sys.stderr)
-    from .runner import describe_environment, is_main_process, run_recipe
+    from .runner import describe_environment, format_epoch_table, is_main_process, run_recipe
 
     try:
         summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines,
@@ -73,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _end_distributed()
     if is_main_process():
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("plots", "outputs")}, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("plots", "outputs", "epochs")}, indent=2))
+        if summary.get("epochs"):
+            print("per epoch (validation split):")
+            print(format_epoch_table(summary["epochs"]))
         print(f"ran as {describe_environment(summary['environment'])}")
         print(f"outputs written to {args.output_dir or recipe.get('output_dir', 'runs/run')}")
     return 0

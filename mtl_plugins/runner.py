@@ -117,6 +117,39 @@ def split_metrics(results: Mapping[str, Any], data: DataBundle, prefix: str = "t
     return {"main": main, "all": every}
 
 
+def epoch_table(records: Sequence[Mapping[str, Any]], evaluations: Sequence[Mapping[str, Any]],
+                data: DataBundle) -> list[dict[str, Any]]:
+    """One row per evaluation during training: ``epoch``, ``step``, ``train_loss`` (mean of the
+    training logs since the previous row), ``validation_loss`` and each task's main validation metric."""
+    rows, start = [], 0
+    for evaluation in evaluations:
+        window = [r["loss"] for r in records if start < r["step"] <= evaluation["step"]]
+        row = {"epoch": evaluation.get("epoch"), "step": evaluation["step"],
+               "train_loss": sum(window) / len(window) if window else None,
+               "validation_loss": evaluation.get("eval_loss")}
+        for t in data.tasks:
+            name = f"{t}/{data.task_specs[t].metric}"
+            row[f"validation_{name}"] = evaluation.get(f"eval_{name}")
+        rows.append(row)
+        start = evaluation["step"]
+    return rows
+
+
+def format_epoch_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The per-epoch rows as an aligned text table."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [[c.removeprefix("validation_") if "/" in c else c for c in columns],
+             *([cell(r.get(c)) for c in columns] for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
+
+
 def chance_metrics(data: DataBundle) -> dict[str, float]:
     """``{"<task>/accuracy": 1 / classes}``: the accuracy of guessing, for classification tasks."""
     return {f"{t}/accuracy": 1.0 / spec.num_outputs for t, spec in data.task_specs.items()
@@ -128,7 +161,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress: bool):
+def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress: bool, validation: bool = False):
     """MultiTaskTrainingArguments from training options, and the optimizer override for ``optim: adam``."""
     from .trainers import MultiTaskTrainingArguments
 
@@ -136,6 +169,8 @@ def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress:
     if opts.get("optim", "adam") != "adam":
         options["optim"] = opts["optim"]
     options.setdefault("use_cpu", not torch.cuda.is_available())
+    if validation:  # a per-epoch train / validation table unless the recipe sets its own schedule
+        options.setdefault("eval_strategy", "epoch")
     options.setdefault("report_to", "none")
     args = MultiTaskTrainingArguments(output_dir=str(output_dir), disable_tqdm=not progress, **options)
     optimizer = None
@@ -167,9 +202,11 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     model = build_model(recipe, data)
     strategy = make_strategy(recipe, tasks, model)
     out = Path(output_dir or recipe.get("output_dir", "runs/run"))
-    args, optimizer = trainer_arguments(opts, out / "checkpoints", progress)
+    args, optimizer = trainer_arguments(opts, out / "checkpoints", progress, validation=data.validation is not None)
     recorder = LogRecorder(log_path if is_main_process() else None)
-    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+    # training evaluates on the validation split (per epoch, model selection); test is scored once at the end
+    validation = data.validation if data.validation is not None else data.eval
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=validation,
                                strategy=strategy, tasks=tasks, callbacks=[recorder], optimizer_cls_and_kwargs=optimizer,
                                compute_metrics=ComputeMetrics(data.task_specs, tasks=tasks))
     if progress:
@@ -192,9 +229,10 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     if is_main_process():
         with contextlib.suppress(OSError):  # the Trainer creates it even when it saves nothing
             (out / "checkpoints").rmdir()
-    metrics = split_metrics(trainer.evaluate(metric_key_prefix="test"), data)
+    metrics = split_metrics(trainer.evaluate(eval_dataset=data.eval, metric_key_prefix="test"), data)
     return {"model": model, "strategy": trainer.strategy, "metrics": metrics["main"], "all_metrics": metrics["all"],
-            "records": recorder.records, "data": data, "train_seconds": seconds, "steps": trainer.state.global_step,
+            "records": recorder.records, "evaluations": recorder.evaluations, "data": data,
+            "train_seconds": seconds, "steps": trainer.state.global_step,
             "environment": run_environment(trainer.args)}
 
 
@@ -371,6 +409,7 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
         "all_test_metrics": result["all_metrics"],
         "environment": result["environment"],
         "chance_metrics": chance_metrics(data),
+        "epochs": epoch_table(result["records"], result["evaluations"], data),
     }
     reference = single_task_baselines(recipe, tasks, baselines or recipe.get("baselines", "cache"), progress)
     if reference is not None:

@@ -95,6 +95,7 @@ def test_quickstart_end_to_end_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["strategy"] == {"name": "ew"} and config["data"]["train_size"] == 128
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    records = [r for r in records if r.get("split") != "validation"]  # the training logs
     tasks = config["data"]["tasks"]
     assert records and all(f"loss/{t}" in records[-1] for t in tasks)
     results = json.loads((out / "results.json").read_text())
@@ -200,7 +201,8 @@ def test_resume_continues_from_a_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
 
     def logged_steps():
-        return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        return [r["step"] for r in lines if r.get("split") != "validation"]
 
     assert logged_steps() == [1, 2]
     # the last checkpoint (step 2) continues to step 3: only step 3 is trained and logged
@@ -234,3 +236,38 @@ def test_progress_bars_say_which_model_trains(tmp_path, monkeypatch, capsys):
     assert "multi-task (ew)" in err
     assert "single-task baseline 1/2: left" in err and "single-task baseline 2/2: right" in err
     assert err.index("multi-task (ew)") < err.index("single-task baseline 1/2") < err.index("single-task baseline 2/2")
+
+
+def test_training_evaluates_on_validation_and_scores_test_once(tmp_path, monkeypatch, capsys):
+    from mtl_plugins.trainers import MultiTaskTrainer
+
+    evaluated = []
+    original = MultiTaskTrainer.evaluate
+
+    def recording_evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        evaluated.append((metric_key_prefix, len(eval_dataset if eval_dataset is not None else self.eval_dataset)))
+        return original(self, eval_dataset, ignore_keys, metric_key_prefix)
+
+    monkeypatch.setattr(MultiTaskTrainer, "evaluate", recording_evaluate)
+    out = tmp_path / "run"
+    assert main(["quickstart", "strategy=ew", *TINY, "data.validation_size=40", "training.num_train_epochs=2",
+                 "training.save_strategy=epoch", "training.load_best_model_at_end=true",
+                 "training.metric_for_best_model=left/accuracy", "--baselines", "skip", "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    assert evaluated == [("eval", 40), ("eval", 40), ("test", 64)]
+    results = json.loads((out / "results.json").read_text())
+    epochs = results["epochs"]
+    assert [row["epoch"] for row in epochs] == [1.0, 2.0] and [row["step"] for row in epochs] == [4, 8]
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    validation = [r for r in lines if r.get("split") == "validation"]
+    training = [r for r in lines if r.get("split") != "validation"]
+    for row, logged in zip(epochs, validation):
+        assert row["validation_loss"] == logged["eval_loss"]
+        assert row["validation_left/accuracy"] == logged["eval_left/accuracy"]
+        # the mean of the training logs of that epoch (logging_steps=1: one per step)
+        window = [r["loss"] for r in training if row["step"] - 4 < r["step"] <= row["step"]]
+        assert row["train_loss"] == pytest.approx(sum(window) / 4)
+    stdout = capsys.readouterr().out
+    assert "per epoch (validation split):" in stdout
+    assert stdout.split("per epoch (validation split):\n")[1].split()[:4] == ["epoch", "step", "train_loss",
+                                                                             "validation_loss"]

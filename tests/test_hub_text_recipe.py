@@ -164,3 +164,14 @@ def test_text_quickstart_end_to_end(tmp_path, capsys):
     assert labels["rating"] == list(drug_reviews.RATINGS)
     assert labels["condition"] == list(data.task_specs["condition"].labels) and labels["condition"][-1] == "other"
     assert f'AutoTokenizer.from_pretrained("path/to/checkpoint")' in (folder / "README.md").read_text()
+
+
+def test_validation_reviews_are_held_out_of_the_train_file():
+    bundle = build_data("drug_reviews", max_length=16, validation_size=100)
+    assert len(bundle.train) == 500 and len(bundle.validation) == 100 and len(bundle.eval) == 379
+    train = {tuple(x.tolist()) for x in bundle.train["input_ids"]}
+    validation = {tuple(x.tolist()) for x in bundle.validation["input_ids"]}
+    assert len(validation) > 90 and not train & validation  # no review in both
+    assert build_data("drug_reviews", max_length=16).validation is None
+    with pytest.raises(ValueError, match="validation_size must be in 1..599"):
+        build_data("drug_reviews", max_length=16, validation_size=600)

@@ -56,3 +56,12 @@ def test_dataset_columns_and_errors():
         load_multidigits("dev", 5)
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         build_data("mnist")
+
+
+def test_bundle_has_a_validation_split_of_its_own_digit_images():
+    from mtl_plugins.data import build_data
+
+    bundle = build_data("multidigits", tasks=["left"], train_size=50, eval_size=30, validation_size=20)
+    assert (len(bundle.train), len(bundle.validation), len(bundle.eval)) == (50, 20, 30)
+    validation = {x.numpy().tobytes() for x in bundle.validation["pixel_values"]}
+    assert not validation & {x.numpy().tobytes() for x in bundle.eval["pixel_values"]}

@@ -12,22 +12,36 @@ from transformers.trainer_callback import ProgressCallback
 
 class LogRecorder(TrainerCallback):
     """Keeps every training log (``{"step": ..., "loss": ..., "loss/<task>": ...}``) in ``records``
-    and, on the main process, appends it to the JSON-lines file ``path`` if given."""
+    and every evaluation during training (``{"step": ..., "split": "validation", "eval_loss": ...,
+    "eval_<task>/<metric>": ...}``) in ``evaluations``; on the main process, appends both to the
+    JSON-lines file ``path`` if given."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
         self.records: list[dict[str, Any]] = []
+        self.evaluations: list[dict[str, Any]] = []
+        self.training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
         if self.path is not None and state.is_world_process_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
+        if not logs:
             return
-        record = {"step": state.global_step, **logs}
-        self.records.append(record)
+        if "loss" in logs:
+            record = {"step": state.global_step, **logs}
+            self.records.append(record)
+        elif "eval_loss" in logs and self.training:
+            record = {"step": state.global_step, "split": "validation", **logs}
+            self.evaluations.append(record)
+        else:
+            return
         if self.path is not None and state.is_world_process_zero:
             with self.path.open("a") as file:
                 file.write(json.dumps(record) + "\n")

@@ -13,13 +13,17 @@ from ..tasks import TaskSpec
 @dataclass
 class DataBundle:
     """What a recipe trains and evaluates on: task names, ``datasets.Dataset`` splits, task specs and
-    the tokenizer or image processor that prepared the inputs (saved next to Hugging Face models)."""
+    the tokenizer or image processor that prepared the inputs (saved next to Hugging Face models).
+
+    ``eval`` is the test split, scored once at the end of a run; ``validation`` (when the dataset has
+    one) is what training evaluates on: per-epoch metrics, model selection (``load_best_model_at_end``)."""
 
     tasks: list[str]
     train: Any
     eval: Any
     task_specs: dict[str, TaskSpec]
     processor: Any = None
+    validation: Any = None
 
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {}

@@ -123,9 +123,11 @@ def _subset(frame, size: int | None, seed: int):
 @register_dataset("drug_reviews")
 def drug_reviews_data(tasks: Sequence[str] | None = None, tokenizer: str = DEFAULT_TOKENIZER, max_length: int = 128,
                       num_conditions: int = 8, train_size: int | None = None, eval_size: int | None = None,
-                      seed: int = 0, path: str | None = None) -> DataBundle:
-    """The recipe entry point: train and test splits, tokenised with ``tokenizer`` (a folder, Hub id or
-    ``packaged:`` name), ``train_size``/``eval_size`` random subsets when given."""
+                      seed: int = 0, path: str | None = None, validation_size: int | None = None) -> DataBundle:
+    """The recipe entry point: train, validation and test splits, tokenised with ``tokenizer`` (a
+    folder, Hub id or ``packaged:`` name). A validation split, when ``validation_size`` is given, is
+    that many reviews held out of the train file (seeded; none by default: the file has 600 reviews);
+    ``train_size``/``eval_size`` random subsets when given."""
     from transformers import AutoTokenizer
 
     from mtl_plugins.hub.pretrained import resolve_pretrained
@@ -138,6 +140,12 @@ def drug_reviews_data(tasks: Sequence[str] | None = None, tokenizer: str = DEFAU
         raise ValueError(f"num_conditions must be positive, got {num_conditions}")
     train, test = read_split("train", path), read_split("test", path)
     conditions = condition_classes(train, num_conditions)
+    validation = None
+    if validation_size is not None:
+        if not 0 < validation_size < len(train):
+            raise ValueError(f"validation_size must be in 1..{len(train) - 1}, got {validation_size}")
+        validation = train.sample(n=validation_size, random_state=seed)
+        train = train.drop(validation.index)
     tok = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer))
     specs = task_specs(conditions)
     return DataBundle(
@@ -146,4 +154,5 @@ def drug_reviews_data(tasks: Sequence[str] | None = None, tokenizer: str = DEFAU
         eval=encode_split(_subset(test, eval_size, seed), tasks, conditions, tok, max_length),
         task_specs={t: specs[t] for t in tasks},
         processor=tok,
+        validation=None if validation is None else encode_split(validation, tasks, conditions, tok, max_length),
     )

@@ -95,14 +95,16 @@ def make_arrays(split: str = "train", size: int | None = None, seed: int = 0) ->
 
 @register_dataset("multidigits")
 def multidigits_data(tasks: Sequence[str] | None = None, train_size: int | None = None,
-                     eval_size: int | None = None, seed: int = 0):
-    """The recipe entry point: a :class:`~mtl_plugins.data.DataBundle` (train and test splits)."""
+                     eval_size: int | None = None, seed: int = 0, validation_size: int | None = None):
+    """The recipe entry point: a :class:`~mtl_plugins.data.DataBundle` (train, validation and test
+    splits, drawn from disjoint digit images)."""
     tasks = check_task_names(tasks)
     return DataBundle(
         tasks=tasks,
         train=load_multidigits("train", train_size, seed, tasks),
         eval=load_multidigits("test", eval_size, seed, tasks),
         task_specs={t: TASKS[t] for t in tasks},
+        validation=load_multidigits("validation", validation_size, seed, tasks),
     )
 
 
