@@ -11,6 +11,7 @@ import mtl_plugins
 from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies.base import Updater
+from mtl_plugins.strategies.rep_gradients import shared_encoder
 from mtl_plugins.strategies.task_gradients import split_model_parameters, task_gradients
 
 TASKS = ["a", "b", "c"]
@@ -104,3 +105,128 @@ def test_weightings_and_conn_strength_read_the_host_once(name, options):
         Tracked.reads.clear()
         strategy.step(tracked_closure(make_closure(model, batch(seed=step))), updater)
         assert len(Tracked.reads) == 1 and Tracked.reads[0][0] == "tolist", Tracked.reads
+
+
+# -- batched Jacobian --------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1.0, 2.0**10])
+def test_batched_jacobian_equals_the_reference_and_is_unscaled(scale):
+    from scaled_updater import ScaledUpdater
+
+    model, data, weights = bn_model(), batch(), {"a": 1.0, "b": 0.5, "c": 2.0}
+    expected_J, expected_heads = reference(copy.deepcopy(model), data, weights)
+    shared, specific = split_model_parameters(model, "test")
+    updater = ScaledUpdater(torch.optim.SGD(model.parameters(), lr=0.1), scale)
+    grads = task_gradients(make_closure(model, data), updater, TASKS, weights, shared, specific, batched=True)
+    torch.testing.assert_close(grads.jacobian, expected_J, rtol=1e-12, atol=1e-12)
+    by_param = {id(p): g for p, g in zip(specific, grads.specific)}
+    for t in TASKS:
+        for p, g in zip(model.heads[t].parameters(), expected_heads[t]):
+            torch.testing.assert_close(by_param[id(p)], g, rtol=1e-12, atol=1e-12)
+    assert int(model.encoder[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "nash_mtl", "gradnorm"])
+def test_batched_and_loop_strategies_take_the_same_steps(name):
+    models = []
+    for jacobian in ("loop", "batched"):
+        model = bn_model()
+        strategy = mtl_plugins.build_strategy(name, TASKS, model=model, jacobian=jacobian)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(3):
+            strategy.step(make_closure(model, batch(seed=step)), optimizer)
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_jacobian_is_refused_with_task_connections():
+    model = bn_model()
+    mtl_plugins.build_architecture("task_connections", TASKS, model=model)
+    strategy = mtl_plugins.build_strategy("pcgrad", TASKS, model=model, jacobian="batched")
+    with pytest.raises(ValueError, match="jacobian='batched' needs one forward pass"):
+        strategy.step(make_closure(model, batch()), torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# -- representation gradients ------------------------------------------------------------------------
+def rep_model(seed=0, tasks=("a", "b")):
+    torch.manual_seed(seed)
+    heads = {t: nn.Linear(3, 1) for t in tasks}
+    return HPS(list(tasks), encoder=nn.Sequential(nn.Linear(4, 3), nn.Tanh()), heads=heads,
+               losses={t: "mse" for t in tasks}, input_name="x").double()
+
+
+class RecordingUpdater(Updater):
+    """Keeps a copy of the gradients the step applies."""
+
+    def step(self, final=False):
+        self.applied = {id(p): p.grad.clone() for p in self.params if p.grad is not None}
+        return super().step(final)
+
+
+def test_rep_grad_mgda_matches_a_hand_computed_representation_space_step():
+    model, data = rep_model(), batch()
+    data = {k: v for k, v in data.items() if k in ("x", "a", "b")}
+    data["b"] = -3.0 * data["b"]  # conflicting tasks, so MGDA's weight is strictly inside (0, 1)
+    reference_model = copy.deepcopy(model)
+    z = reference_model.encoder(data["x"])
+    leaf = z.detach().requires_grad_(True)
+    per_sample = [torch.autograd.grad(nn.functional.mse_loss(reference_model.heads[t](leaf).squeeze(-1), data[t]), leaf)[0]
+                  for t in ("a", "b")]
+    s1, s2 = (g.sum(0) for g in per_sample)  # LibMTL: weights from the batch-summed representation gradients
+    gamma = float(((s2 - s1) @ s2) / ((s1 - s2) @ (s1 - s2)))  # two-task min-norm point
+    assert 0 < gamma < 1
+    combined = gamma * per_sample[0] + (1 - gamma) * per_sample[1]
+    expected = torch.autograd.grad(z, list(reference_model.encoder.parameters()), grad_outputs=combined)
+    strategy = mtl_plugins.build_strategy("mgda", ["a", "b"], model=model, rep_grad=True)
+    updater = RecordingUpdater(torch.optim.SGD(model.parameters(), lr=0.1))
+    strategy.step(make_closure(model, data), updater)
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([gamma, 1 - gamma], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-8)
+    for p, g in zip(model.encoder.parameters(), expected):
+        torch.testing.assert_close(updater.applied[id(p)], g, rtol=1e-6, atol=1e-9)
+    for t in ("a", "b"):  # heads: their own task's gradient
+        head_grads = torch.autograd.grad(reference_model(**data, task=t).losses[t], list(reference_model.heads[t].parameters()))
+        for p, g in zip(model.heads[t].parameters(), head_grads):
+            torch.testing.assert_close(updater.applied[id(p)], g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mgda", "imtl", "aligned_mtl", "graddrop"])
+def test_rep_grad_steps_do_not_depend_on_the_loss_scale(name):
+    from scaled_updater import ScaledUpdater
+
+    results = []
+    for scale in (1.0, 2.0**12):
+        model = bn_model()
+        strategy = mtl_plugins.build_strategy(name, TASKS, model=model, rep_grad=True, seed=3)
+        updater = ScaledUpdater(torch.optim.SGD(model.parameters(), lr=0.05), scale)
+        for step in range(3):
+            strategy.step(make_closure(model, batch(seed=step)), updater)
+        results.append(model)
+    for p, q in zip(results[0].parameters(), results[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_rep_grad_graddrop_keeps_one_sign_per_feature():
+    model = rep_model(tasks=TASKS)
+    data = batch()
+    strategy = mtl_plugins.build_strategy("graddrop", TASKS, model=model, rep_grad=True, seed=5)
+    z = model.encoder(data["x"]).detach()
+    leaf = z.clone().requires_grad_(True)
+    per_sample = torch.stack([torch.autograd.grad(nn.functional.mse_loss(model.heads[t](leaf).squeeze(-1), data[t]), leaf)[0]
+                              for t in TASKS])
+    combined = strategy.aggregate_representation(per_sample, None, z)
+    signed = (per_sample * z.sign()).sum(1)
+    for f in range(z.shape[1]):  # each feature keeps the tasks of one sign of the signed batch sum
+        positive = [k for k in range(len(TASKS)) if signed[k, f] > 0]
+        negative = [k for k in range(len(TASKS)) if signed[k, f] < 0]
+        options = [per_sample[positive, :, f].sum(0), per_sample[negative, :, f].sum(0)]
+        assert any(torch.allclose(combined[:, f], o) for o in options), f
+
+
+def test_rep_grad_is_offered_where_libmtl_offers_it():
+    model = rep_model()
+    for name in ("pcgrad", "cagrad", "gradvac", "nash_mtl", "upgrad"):
+        with pytest.raises(TypeError, match="has no option 'rep_grad'"):
+            mtl_plugins.build_strategy(name, ["a", "b"], model=model, rep_grad=True)
+    with pytest.raises(TypeError, match="needs a model with an `encoder`"):
+        shared_encoder(nn.Linear(2, 2), "mgda")

@@ -107,13 +107,19 @@ def task_gradients(
     coefficients: Sequence[float] | None = None,
     *,
     one_forward: bool = True,
+    batched: bool = False,
 ) -> TaskGradients:
     """Per-task gradients through the updater; see the module docstring.
 
     ``one_forward``: one forward pass and K backward passes through the retained graph (else one
-    forward and backward per task). ``coefficients`` weight each task's contribution to the
-    task-specific sums (default 1).
+    forward and backward per task). ``batched`` (with ``one_forward``): the K backward passes as one
+    batched vector-Jacobian product (:func:`batched_task_gradients`). ``coefficients`` weight each
+    task's contribution to the task-specific sums (default 1).
     """
+    if batched:
+        if not one_forward:
+            raise ValueError("the batched Jacobian needs one forward pass shared by every task")
+        return batched_task_gradients(closure, updater, tasks, loss_weights, shared, specific, coefficients)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
     rows: list[Tensor] = []
     specific_sum: list[Tensor | None] = [None] * len(specific)
@@ -150,6 +156,46 @@ def task_gradients(
         for g in present:
             g /= scale
     return TaskGradients(torch.stack(values), jacobian, specific_sum)
+
+
+def batched_task_gradients(
+    closure: Closure,
+    updater: Updater,
+    tasks: Sequence[str],
+    loss_weights: dict[str, float],
+    shared: Sequence[Tensor],
+    specific: Sequence[Tensor],
+    coefficients: Sequence[float] | None = None,
+) -> TaskGradients:
+    """One forward pass and the K vector-Jacobian products as one batched backward
+    (``torch.autograd.grad(..., is_grads_batched=True)``, as torchjd does).
+
+    It bypasses ``updater.backward``, so the updater's contract is kept here: the losses are
+    multiplied by ``updater.loss_scale`` (as a scaled backward would) and the gradients averaged by
+    ``updater.reduce_`` and unscaled. It holds K copies of the activation gradients at once.
+    """
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
+    losses = closure()
+    check_losses(losses, tasks)
+    scale = float(updater.loss_scale)
+    total = torch.stack([loss_weights[t] * losses[t].reshape(()) for t in tasks])
+    identity = torch.eye(len(tasks), dtype=total.dtype, device=total.device) * scale
+    params = [*shared, *specific]
+    grads = torch.autograd.grad(total, params, grad_outputs=identity, is_grads_batched=True, allow_unused=True)
+    k = len(tasks)
+    jacobian = torch.cat([(g if g is not None else p.new_zeros((k, *p.shape))).reshape(k, -1).to(dtype)
+                          for p, g in zip(shared, grads[: len(shared)])], dim=1)
+    weights = torch.tensor([1.0] * k if coefficients is None else [float(c) for c in coefficients], dtype=dtype)
+    specific_sum = [None if g is None else torch.tensordot(weights.to(g.device), g.to(dtype), dims=1)
+                    for g in grads[len(shared):]]
+    present = [g for g in specific_sum if g is not None]
+    updater.reduce_([jacobian, *present])
+    if scale != 1.0:
+        jacobian /= scale
+        for g in present:
+            g /= scale
+    values = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in tasks])
+    return TaskGradients(values, jacobian, specific_sum)
 
 
 def write_gradients(

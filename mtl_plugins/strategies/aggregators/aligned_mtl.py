@@ -8,7 +8,7 @@ from typing import Literal
 from torch import nn
 
 from ...registry import register_strategy
-from .base import TorchJDWeighting
+from .base import JacobianMode, TorchJDWeighting
 
 
 @register_strategy("aligned_mtl", aliases=("Aligned_MTL", "AlignedMTL"))
@@ -20,6 +20,7 @@ class AlignedMTL(TorchJDWeighting):
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
+                 jacobian: JacobianMode = "auto", rep_grad: bool = False,
                  scale_mode: Literal["min", "median", "rmse"] = "min"):
-        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
+        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed, jacobian=jacobian, rep_grad=rep_grad)
         self.build_weighting(scale_mode=scale_mode)

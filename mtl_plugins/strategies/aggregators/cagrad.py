@@ -8,7 +8,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from ...registry import register_strategy
-from .base import GradientAggregation
+from .base import JacobianMode, GradientAggregation
 from .solvers import cagrad_weights
 
 
@@ -20,8 +20,9 @@ class CAGrad(GradientAggregation):
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
+                 jacobian: JacobianMode = "auto",
                  c: float = 0.4, rescale: Literal[0, 1, 2] = 1):
-        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
+        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed, jacobian=jacobian)
         if c < 0:
             raise ValueError(f"cagrad: c must be non-negative, got {c}")
         self.c, self.rescale = float(c), int(rescale)

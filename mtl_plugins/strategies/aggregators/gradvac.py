@@ -9,7 +9,7 @@ from torch import nn
 
 from ...registry import register_strategy
 from .. import torchjd_adapter as tjd
-from .base import TorchJDWeighting
+from .base import JacobianMode, TorchJDWeighting
 
 
 @register_strategy("gradvac", aliases=("GradVac",))
@@ -21,8 +21,9 @@ class GradVac(TorchJDWeighting):
     method = "gradvac"
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
-                 loss_weights: dict[str, float] | None = None, seed: int = 0, beta: float = 0.01):
-        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
+                 loss_weights: dict[str, float] | None = None, seed: int = 0,
+                 jacobian: JacobianMode = "auto", beta: float = 0.01):
+        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed, jacobian=jacobian)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"gradvac: beta must be in [0, 1], got {beta}")
         self.build_weighting(beta=beta)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ...registry import register_strategy
-from .base import TorchJDWeighting
+from .base import JacobianMode, TorchJDWeighting
 
 
 @register_strategy("mgda", aliases=("MGDA",))
@@ -19,6 +19,7 @@ class MGDA(TorchJDWeighting):
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
+                 jacobian: JacobianMode = "auto", rep_grad: bool = False,
                  epsilon: float = 1e-5, max_iters: int = 250):
-        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
+        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed, jacobian=jacobian, rep_grad=rep_grad)
         self.build_weighting(epsilon=epsilon, max_iters=max_iters)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...registry import register_strategy
-from .base import GradientAggregation
+from .base import JacobianMode, GradientAggregation
 from .solvers import nash_weights
 
 
@@ -24,8 +24,9 @@ class NashMTL(GradientAggregation):
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
+                 jacobian: JacobianMode = "auto",
                  max_norm: float = 1.0, update_weights_every: int = 1):
-        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
+        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed, jacobian=jacobian)
         if max_norm < 0:
             raise ValueError(f"nash_mtl: max_norm must be non-negative, got {max_norm}")
         if update_weights_every < 1:

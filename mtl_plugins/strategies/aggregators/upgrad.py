@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ...registry import register_strategy
-from .base import TorchJDWeighting
+from .base import JacobianMode, TorchJDWeighting
 
 
 @register_strategy("upgrad", aliases=("UPGrad",))
@@ -18,6 +18,7 @@ class UPGrad(TorchJDWeighting):
     method = "upgrad"
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
-                 loss_weights: dict[str, float] | None = None, seed: int = 0):
-        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed)
+                 loss_weights: dict[str, float] | None = None, seed: int = 0,
+                 jacobian: JacobianMode = "auto"):
+        super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed, jacobian=jacobian)
         self.build_weighting()

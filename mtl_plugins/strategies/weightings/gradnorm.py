@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,9 @@ class GradNorm(Strategy):
     ``mean_k(lambda_k ||g_k||) * r_t^alpha``, with ``r_t`` the task's loss ratio ``L_t / L_t(0)``
     relative to the mean ratio; ``alpha = 1.5``. ``L(0)`` is the first step's losses.
 
-    Needs the per-task gradients (one forward/backward per task, as the gradient aggregators) and
-    the model (``model=``). ``w`` is trained by the strategy's own Adam (``lr``).
+    Needs the per-task gradients (as the gradient aggregators: one forward and K retained backward
+    passes, or one batched backward with ``jacobian="batched"``) and the model (``model=``). ``w`` is
+    trained by the strategy's own Adam (``lr``).
     """
 
     needs_task_forward = True
@@ -32,8 +33,11 @@ class GradNorm(Strategy):
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: Mapping[str, float] | None = None, seed: int = 0,
-                 alpha: float = 1.5, lr: float = 1e-3):
+                 alpha: float = 1.5, lr: float = 1e-3, jacobian: Literal["loop", "batched"] = "loop"):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
+        if jacobian not in ("loop", "batched"):
+            raise ValueError(f"gradnorm: jacobian must be 'loop' or 'batched', got {jacobian!r}")
+        self.jacobian = jacobian
         if alpha < 0:
             raise ValueError(f"gradnorm: alpha must be non-negative, got {alpha}")
         self.model, self.alpha = model, float(alpha)
@@ -59,7 +63,7 @@ class GradNorm(Strategy):
         shared, specific = split_model_parameters(self.model, self.name)
         weights = self.task_weights()
         grads = task_gradients(closure, updater, self.tasks, self.loss_weights, shared, specific, weights.tolist(),
-                               one_forward=shares_encoder_forward(self.model))
+                               one_forward=shares_encoder_forward(self.model), batched=self.jacobian == "batched")
         static = torch.tensor([self.loss_weights[t] for t in self.tasks], dtype=torch.float64)
         averaged = grads.losses * static.to(grads.losses.device)
         updater.reduce_([averaged])
