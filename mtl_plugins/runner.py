@@ -209,6 +209,7 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=validation,
                                strategy=strategy, tasks=tasks, callbacks=[recorder], optimizer_cls_and_kwargs=optimizer,
                                compute_metrics=ComputeMetrics(data.task_specs, tasks=tasks))
+    recorder.details = lambda: trainer.last_strategy_log  # the log file keeps every strategy scalar
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgress(label or f"multi-task ({trainer.strategy.name})"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,14 @@ class LogRecorder(TrainerCallback):
     """Keeps every training log (``{"step": ..., "loss": ..., "loss/<task>": ...}``) in ``records``
     and every evaluation during training (``{"step": ..., "split": "validation", "eval_loss": ...,
     "eval_<task>/<metric>": ...}``) in ``evaluations``; on the main process, appends both to the
-    JSON-lines file ``path`` if given."""
+    JSON-lines file ``path`` if given. ``details`` (when set) adds fields to each training record."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
         self.records: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
+        #: Called at each training log for more fields of the record (see ``MultiTaskTrainer.last_strategy_log``).
+        self.details: Callable[[], Mapping[str, Any]] | None = None
         self.training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -36,6 +39,8 @@ class LogRecorder(TrainerCallback):
             return
         if "loss" in logs:
             record = {"step": state.global_step, **logs}
+            if self.details is not None:  # e.g. the strategy's full state, whatever the logs carry
+                record.update({k: v for k, v in self.details().items() if k not in record})
             self.records.append(record)
         elif "eval_loss" in logs and self.training:
             record = {"step": state.global_step, "split": "validation", **logs}

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 from transformers.training_args import ParallelMode
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
@@ -26,6 +27,18 @@ from .distributed import all_reduce_mean_
 from .updater import AcceleratedUpdater
 
 logger = logging.getLogger(__name__)
+
+
+def heatmap_image(matrix: Any, cell: int = 16) -> Any:
+    """An RGB uint8 image (H x W x 3) of ``matrix`` in a diverging colour map symmetric about 0,
+    each entry a ``cell`` x ``cell`` square."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    values = np.asarray(matrix, dtype=float)
+    bound = float(np.abs(values).max()) or 1.0
+    rgb = colormaps["RdBu_r"]((values / bound + 1.0) / 2.0)[..., :3]
+    return (np.kron(rgb, np.ones((cell, cell, 1))) * 255).round().astype(np.uint8)
 
 
 def _resolve_tasks(model: nn.Module | None, tasks: Sequence[str] | None, strategy: Any) -> list[str]:
@@ -85,6 +98,8 @@ class MultiTaskTrainer(Trainer):
         self.updater: AcceleratedUpdater | None = None
         self._task_loss_sum = torch.zeros(len(self.tasks), dtype=torch.float64)
         self._task_loss_count = 0
+        #: The strategy's whole ``log_metrics()`` at the latest training log.
+        self.last_strategy_log: dict[str, float] = {}
         #: False when the train dataloader has no length, so epoch-based progress is impossible.
         self._epochs_known = True
 
@@ -271,17 +286,31 @@ class MultiTaskTrainer(Trainer):
     # -- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs also get per-task losses (``loss/<task>``, averaged like ``loss``) and the
-        strategy's ``log_metrics()``."""
+        strategy's ``log_metrics()``, summarised (``strategy.summarize_log``) unless
+        ``args.strategy_log="full"``; the whole of them is kept in ``last_strategy_log``."""
         if "loss" in logs and self._task_loss_count > 0:
             window = (self._task_loss_sum / self._task_loss_count).to(self.args.device, torch.float32)
             all_reduce_mean_([window])
             logs.update({f"loss/{task}": value for task, value in zip(self.tasks, window.tolist())})
-            logs.update(self.strategy.log_metrics())
+            self.last_strategy_log = self.strategy.log_metrics()
+            full = getattr(self.args, "strategy_log", "summary") == "full"
+            logs.update(self.last_strategy_log if full else self.strategy.summarize_log(self.last_strategy_log))
+            self._log_images()
             if self.updater is not None and self.updater.skipped_steps:
                 logs["skipped_inner_steps"] = self.updater.skipped_steps
             self._task_loss_sum.zero_()
             self._task_loss_count = 0
         super().log(logs, start_time)
+
+    def _log_images(self) -> None:
+        """The strategy's matrices as heatmap images for TensorBoard (when it reports there)."""
+        writers = [cb.tb_writer for cb in self.callback_handler.callbacks
+                   if isinstance(cb, TensorBoardCallback) and getattr(cb, "tb_writer", None) is not None]
+        images = self.strategy.log_images() if writers and self.is_world_process_zero() else {}
+        for name, matrix in images.items():
+            image = heatmap_image(matrix)
+            for writer in writers:
+                writer.add_image(name, image, self.state.global_step, dataformats="HWC")
 
     # -- evaluation -----------------------------------------------------------------------------
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,

@@ -161,6 +161,15 @@ class Strategy:
         """Scalars describing the strategy's current state, for trainer logs."""
         return {}
 
+    def summarize_log(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The few of ``log_metrics()``'s scalars that trainer logs carry by default (the console,
+        TensorBoard); strategies with per-pair or per-layer scalars summarise them. Default: all."""
+        return dict(metrics)
+
+    def log_images(self) -> dict[str, Any]:
+        """Matrices logged as heatmap images (e.g. an inter-task affinity), by name. Default: none."""
+        return {}
+
     def card_fields(self) -> dict[str, Any]:
         """What a model card reports of the strategy's learned state (e.g. ``task_groups``,
         ``priority_stats``); plain JSON values. Default: nothing."""

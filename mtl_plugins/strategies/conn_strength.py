@@ -294,6 +294,10 @@ class ConnectionStrength(Strategy):
                 metrics[f"priority/{name}/{task}"] = share
         return metrics
 
+    def summarize_log(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Phase, Phase-2 fraction and the overall priority shares (not those of each layer)."""
+        return {k: v for k, v in metrics.items() if not (k.startswith("priority/") and k.count("/") > 1)}
+
     def card_fields(self) -> dict[str, Any]:
         """``priority_stats``: per connected layer, the share of channels each task has top priority on."""
         return {"priority_stats": self.priority()}

@@ -298,6 +298,20 @@ class SelectiveGroupUpdate(Strategy):
         metrics.update({f"loss_decrease/{t}": v for t, v in self.last_loss_decrease.items()})
         return metrics
 
+    def summarize_log(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Number of groups, clustering failures and the mean, min and max off-diagonal affinity."""
+        kept = {k: v for k, v in metrics.items() if not k.startswith(("affinity/", "group/", "loss_decrease/"))}
+        k = len(self.tasks)
+        if k > 1:
+            off = self.affinity[~torch.eye(k, dtype=torch.bool)].double()
+            kept.update({"affinity/mean": float(off.mean()), "affinity/min": float(off.min()),
+                         "affinity/max": float(off.max())})
+        return kept
+
+    def log_images(self) -> dict[str, Any]:
+        """``affinity``: the inter-task affinity matrix (row: source task, column: target task)."""
+        return {"sel_update/affinity": self.affinity.double().numpy()}
+
     def group_count_series(self) -> tuple[list[int], list[int]]:
         """(steps, number of groups) as a step function over every batch so far."""
         steps: list[int] = []
