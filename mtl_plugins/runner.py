@@ -22,6 +22,7 @@ from .metrics.compute_metrics import ComputeMetrics
 from .metrics.paper import delta_m_selection
 from .models import build_model as build_recipe_model
 from .plots import plot_loss_curves
+from .predictions import can_draw, plot_predictions
 from .recipe_checks import resume_checkpoint
 
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -432,6 +433,8 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
     torch.save(result["strategy"].state_dict(), staging / "strategy_state.pt")
     plots = [plot_loss_curves(result["records"], tasks, staging / "loss_curves.png")]
     plots += result["strategy"].write_plots(staging)
+    if can_draw(data.task_specs):
+        plots.append(plot_predictions(result["model"], data.eval, data.task_specs, tasks, staging / "predictions.png"))
     summary["plots"] = [p.name for p in plots]
     summary["outputs"] = sorted({*(p.name for p in staging.iterdir()), "results.json"})
     (staging / "results.json").write_text(json.dumps(summary, indent=2))
