@@ -235,8 +235,9 @@ def test_rooms_through_the_dense_transforms_heads_losses_and_metrics(tmp_path):
     from mtl_plugins.metrics import task_metric
     from mtl_plugins.models import build_model
 
-    data = build_data("rooms", train_size=8, eval_size=6, height=32, width=32, cache=str(tmp_path))
+    data = build_data("rooms", train_size=8, eval_size=6, validation_size=4, height=32, width=32, cache=str(tmp_path))
     assert data.tasks == ["semseg", "depth", "normals", "edge", "saliency"]
+    assert (len(data.train), len(data.validation), len(data.eval)) == (8, 4, 6)
     batch = data.eval[0:6]
     assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     assert batch["semseg"].shape == (6, 32, 32) and batch["semseg"].dtype == torch.int64
@@ -279,5 +280,5 @@ def test_rooms_through_the_dense_transforms_heads_losses_and_metrics(tmp_path):
 def test_rooms_options_are_checked():
     with pytest.raises(ValueError, match="unknown rooms tasks"):
         build_data("rooms", tasks=["semseg", "sal"])
-    with pytest.raises(ValueError, match="eval_split must be 'test' or 'validation'"):
-        build_data("rooms", eval_split="val")
+    with pytest.raises(ValueError, match="rooms: count must be a positive integer"):
+        build_data("rooms", train_size=0)

@@ -64,7 +64,8 @@ def test_dense_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    code = main(["dense-quickstart", "data.train_size=48", "data.eval_size=20", "training.num_train_epochs=1",
+    code = main(["dense-quickstart", "data.train_size=48", "data.eval_size=20", "data.validation_size=16",
+                 "training.num_train_epochs=1",
                  "training.per_device_train_batch_size=16", "strategy.options.warmup_steps=1",
                  "--output-dir", str(out), "--no-progress", "--baselines", "train"])
     assert code == 0

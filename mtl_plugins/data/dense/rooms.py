@@ -342,20 +342,17 @@ def rooms_split(split: str, tasks: Sequence[str], size: int | None, height: int,
 
 @register_dataset(NAME)
 def rooms_data(tasks: Sequence[str] | None = None, train_size: int | None = None, eval_size: int | None = None,
-               validation_size: int | None = None, eval_split: str = "test", height: int = 64, width: int = 64,
-               seed: int = 0, cache: str | None = None, augment: bool = False, **transform_options: Any) -> DataBundle:
-    """Recipe entry point: rooms train split and ``eval_split`` (``test`` or ``validation``).
-
-    ``augment=True`` applies the released training augmentations (scaling, crop, flip, photometric);
-    off by default, since every scene is new. ``validation`` holds ``validation_size`` scenes."""
+               validation_size: int | None = None, height: int = 64, width: int = 64, seed: int = 0,
+               cache: str | None = None, augment: bool = False, **transform_options: Any) -> DataBundle:
+    """Recipe entry point: rooms train, validation (what training evaluates on) and test (``eval``,
+    ``eval_size`` scenes) splits. ``augment=True`` applies the released training augmentations
+    (scaling, crop, flip, photometric); off by default, since every scene is new."""
     tasks = check_tasks(tasks)
-    if eval_split not in ("test", "validation"):
-        raise ValueError(f"rooms: eval_split must be 'test' or 'validation', got {eval_split!r}")
-    common = {"tasks": tasks, "height": height, "width": width, "seed": seed, "cache": cache}
-    eval_size = eval_size if eval_split == "test" else (validation_size if validation_size is not None else eval_size)
+    common = {"tasks": tasks, "height": height, "width": width, "seed": seed, "cache": cache, **transform_options}
     return DataBundle(
         tasks=tasks,
-        train=rooms_split("train", size=train_size, augment=augment, **common, **transform_options),
-        eval=rooms_split(eval_split, size=eval_size, augment=False, **common, **transform_options),
+        train=rooms_split("train", size=train_size, augment=augment, **common),
+        eval=rooms_split("test", size=eval_size, augment=False, **common),
         task_specs={t: TASKS[t] for t in tasks},
+        validation=rooms_split("validation", size=validation_size, augment=False, **common),
     )
