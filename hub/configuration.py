@@ -10,6 +10,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
+from mtl_plugins.losses import kind_losses
+
 from .heads import HEAD_KINDS, HeadKind
 from .pretrained import resolve_pretrained
 
@@ -91,15 +93,16 @@ def normalize_task(task: Mapping[str, Any], modality: str | None) -> dict[str, A
     ignore_index = _check_ignore_index(name, spec, task.get("ignore_index", spec.ignore_index))
     entry = {"name": name, "kind": kind, "num_outputs": num_outputs, "loss_weight": float(loss_weight),
              "ignore_index": ignore_index}
-    if spec.losses:
-        loss = task.get("loss", spec.default_loss)
-        if loss not in spec.losses:
-            raise ValueError(f"task {name!r}: kind {kind!r} trains with one of {sorted(spec.losses)}, "
+    losses = kind_losses(kind)
+    if len(losses) > 1:
+        loss = task.get("loss", next(iter(losses)))
+        if loss not in losses:
+            raise ValueError(f"task {name!r}: kind {kind!r} trains with one of {sorted(losses)}, "
                              f"got loss={loss!r}")
         entry["loss"] = loss
     elif task.get("loss") is not None:
         raise ValueError(f"task {name!r}: kind {kind!r} has a fixed loss; 'loss' applies to "
-                         f"{[k for k, v in HEAD_KINDS.items() if v.losses]} only")
+                         f"{[k for k in HEAD_KINDS if len(kind_losses(k)) > 1]} only")
     if task.get("labels") is not None:
         labels = [str(label) for label in task["labels"]]
         if len(labels) != num_outputs:

@@ -1,4 +1,5 @@
-"""Task heads by kind: what each kind predicts, its loss, and how to turn outputs into user units.
+"""Task heads by kind: what each kind predicts and how to turn outputs into user units (the loss of
+each kind is in :data:`mtl_plugins.losses.KIND_LOSSES`).
 
 Dense kinds (vision) read multi-level feature maps that the model has already resized to one
 resolution and concatenated: one 1x1 convolution per task, then bilinear upsampling to the input
@@ -9,24 +10,13 @@ pixel. Text kinds read the encoder's token states.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from mtl_plugins.losses import (
-    balanced_bce,
-    dense_l1,
-    dense_mse,
-    depth_l1,
-    edge_bce,
-    masked_cross_entropy,
-    mse,
-    normals_l1,
-)
 
 
 def _class_ids(logits: Tensor) -> Tensor:
@@ -53,54 +43,30 @@ def _values(prediction: Tensor) -> Tensor:
     return prediction.squeeze(-1) if prediction.shape[-1] == 1 else prediction
 
 
-def _token_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
-    """Token logits are ``B x T x C``; the cross-entropy takes classes on dim 1."""
-    return masked_cross_entropy(logits.transpose(1, 2), target, ignore_index=ignore_index)
-
-
-def _regression_loss(prediction: Tensor, target: Tensor, ignore_index: float | None = None) -> Tensor:
-    """MSE over the labels that are not ``ignore_index``; labels are ``B`` (one output) or ``B x C``."""
-    return mse(prediction, target, ignore_index=ignore_index)
-
-
 @dataclass(frozen=True)
 class HeadKind:
-    """A head kind: input ``modality`` (``vision`` or ``text``), loss ``loss(pred, target, ignore_index=)``,
-    output size (``fixed_outputs`` when the kind allows only one), default ``ignore_index`` (None: no
-    ignore value), ``predict`` (raw output -> user units) and, for kinds whose loss a task may choose,
-    ``losses`` (loss name -> function; the task's ``loss`` key picks one, ``default_loss`` otherwise).
-    ``real_valued`` kinds take real labels: their ``ignore_index`` may be any number or None."""
+    """A head kind: input ``modality`` (``vision`` or ``text``), ``predict`` (raw output -> user units),
+    output size (``fixed_outputs`` when the kind allows only one) and default ``ignore_index`` (None: no
+    ignore value). ``real_valued`` kinds take real labels: their ``ignore_index`` may be any number or None."""
 
     modality: str
-    loss: Callable[..., Tensor]
     predict: Callable[[Tensor], Tensor]
     fixed_outputs: int | None = None
     ignore_index: int | None = 255
-    losses: Mapping[str, Callable[..., Tensor]] = field(default_factory=dict)
-    default_loss: str | None = None
     real_valued: bool = False
-
-    def loss_for(self, name: str | None) -> Callable[..., Tensor]:
-        """The loss function named ``name`` (the kind's own loss when None)."""
-        if name is None:
-            return self.loss
-        if name not in self.losses:
-            raise ValueError(f"unknown loss {name!r} for this head kind; available: {sorted(self.losses)}")
-        return self.losses[name]
 
 
 HEAD_KINDS: dict[str, HeadKind] = {
-    "semantic_segmentation": HeadKind("vision", masked_cross_entropy, _class_ids),
-    "human_parts": HeadKind("vision", masked_cross_entropy, _class_ids),
-    "saliency": HeadKind("vision", balanced_bce, _probabilities, fixed_outputs=1),
-    "depth": HeadKind("vision", depth_l1, _depth, fixed_outputs=1),
-    "normals": HeadKind("vision", normals_l1, _unit_normals, fixed_outputs=3),
-    "edges": HeadKind("vision", edge_bce, _probabilities, fixed_outputs=1),
-    "dense_regression": HeadKind("vision", dense_l1, _maps, ignore_index=None, real_valued=True,
-                                 losses={"l1": dense_l1, "mse": dense_mse}, default_loss="l1"),
-    "sequence_classification": HeadKind("text", masked_cross_entropy, _class_ids, ignore_index=-100),
-    "regression": HeadKind("text", _regression_loss, _values, ignore_index=-100, real_valued=True),
-    "token_classification": HeadKind("text", _token_cross_entropy, partial(torch.argmax, dim=-1), ignore_index=-100),
+    "semantic_segmentation": HeadKind("vision", _class_ids),
+    "human_parts": HeadKind("vision", _class_ids),
+    "saliency": HeadKind("vision", _probabilities, fixed_outputs=1),
+    "depth": HeadKind("vision", _depth, fixed_outputs=1),
+    "normals": HeadKind("vision", _unit_normals, fixed_outputs=3),
+    "edges": HeadKind("vision", _probabilities, fixed_outputs=1),
+    "dense_regression": HeadKind("vision", _maps, ignore_index=None, real_valued=True),
+    "sequence_classification": HeadKind("text", _class_ids, ignore_index=-100),
+    "regression": HeadKind("text", _values, ignore_index=-100, real_valued=True),
+    "token_classification": HeadKind("text", partial(torch.argmax, dim=-1), ignore_index=-100),
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,18 +14,28 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from mtl_plugins.architectures.base import MultiTaskMixin
 from mtl_plugins.architectures.task_connections import (
     TaskBatchNorm,
-    active_task,
     add_task_connections,
-    has_task_connections,
-    task_connection_parameters,
     task_connections,
 )
+from mtl_plugins.losses import loss_for_kind
 
-from .backbones import build_backbone, feature_channels, fuse_feature_maps, mean_pool, vit_feature_maps
+from .backbones import (
+    build_backbone,
+    feature_channels,
+    fuse_feature_maps,
+    mean_pool,
+    vit_feature_maps,
+)
 from .card import build_model_card, card_fields_from_strategy
-from .configuration import VIT_MODEL_TYPES, MultiTaskConfig, backbone_modality, normalize_task
+from .configuration import (
+    VIT_MODEL_TYPES,
+    MultiTaskConfig,
+    backbone_modality,
+    normalize_task,
+)
 from .heads import HEAD_KINDS, DenseHead, SequenceHead, TokenHead
 
 #: Keyword arguments of ``from_pretrained`` that say where and how to fetch the checkpoint's config.
@@ -45,7 +55,7 @@ class MultiTaskModelOutput(ModelOutput):
     losses: dict[str, Tensor] | None = None
 
 
-class MultiTaskModel(PreTrainedModel):
+class MultiTaskModel(MultiTaskMixin, PreTrainedModel):
     """A shared backbone and one head per task (see :class:`MultiTaskConfig` for the head kinds).
 
     ``forward(pixel_values=...)`` or ``forward(input_ids=..., attention_mask=...)`` returns a
@@ -125,19 +135,9 @@ class MultiTaskModel(PreTrainedModel):
         connections = task_connections(self.backbone)
         return "batchnorm" if any(isinstance(c, TaskBatchNorm) for c in connections) else "scale_shift"
 
-    # -- LibMTL-style parameter access -----------------------------------------------------------
-    def get_share_params(self) -> Iterator[nn.Parameter]:
-        """Parameters shared by all tasks (the backbone's, minus task-specific connections)."""
-        task_specific = {id(p) for t in self.tasks for p in self.task_specific_parameters(t)}
-        return (p for p in self.backbone.parameters() if id(p) not in task_specific)
-
-    def task_specific_parameters(self, task: str) -> list[nn.Parameter]:
-        """Parameters that only ``task`` uses: its head and its backbone connections, if any."""
-        return list(self.heads[task].parameters()) + task_connection_parameters(self.backbone, task)
-
-    def zero_grad_share_params(self) -> None:
-        for p in self.get_share_params():
-            p.grad = None
+    @property
+    def shared_module(self) -> nn.Module:
+        return self.backbone
 
     # -- forward -----------------------------------------------------------------------------------
     def _backbone_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids) -> dict[str, Tensor]:
@@ -172,15 +172,6 @@ class MultiTaskModel(PreTrainedModel):
             return self.heads[task](features[:, 0])
         return self.heads[task](mean_pool(features, inputs.get("attention_mask")))
 
-    def _collect_labels(self, labels: Mapping[str, Tensor] | None, task_labels: dict[str, Any]) -> dict[str, Tensor]:
-        if labels is not None and not isinstance(labels, Mapping):
-            raise TypeError(f"labels must map task names to tensors (tasks: {self.tasks}), got {type(labels).__name__}")
-        merged = {**(labels or {}), **task_labels}
-        unknown = sorted(set(merged) - set(self.tasks))
-        if unknown:
-            raise TypeError(f"unexpected inputs {unknown}; expected model inputs and labels named {self.tasks}")
-        return merged
-
     def forward(
         self,
         pixel_values: Tensor | None = None,
@@ -193,36 +184,18 @@ class MultiTaskModel(PreTrainedModel):
         **task_labels: Tensor,
     ) -> MultiTaskModelOutput:
         inputs = self._backbone_inputs(pixel_values, input_ids, attention_mask, token_type_ids)
-        labels = self._collect_labels(labels, task_labels)
-        if task is not None and task not in self.tasks:
-            raise ValueError(f"unknown task {task!r}; tasks are {self.tasks}")
-        run = [task] if task is not None else self.tasks
-        logits: dict[str, Tensor] = {}
-        if has_task_connections(self.backbone):
-            for t in run:
-                with active_task(self.backbone, t):
-                    logits[t] = self._head(t, self._features(inputs), inputs)
-        else:
-            features = self._features(inputs)
-            for t in run:
-                logits[t] = self._head(t, features, inputs)
+        labels = self.collect_labels(labels, task_labels)
+        run = self.tasks_to_run(task)
+        logits = self.task_logits(run, lambda: self._features(inputs), lambda t, f: self._head(t, f, inputs))
         if not labels:
             return MultiTaskModelOutput(logits=logits)
-        missing = [t for t in run if t not in labels]
-        if missing:
-            raise ValueError(f"missing labels for tasks {missing}; got labels for {sorted(labels)}")
-        losses = {t: self._task_loss(t, logits[t], labels[t]) for t in run}
-        loss = torch.stack([self.loss_weights[t] * losses[t] for t in run]).sum()
+        losses, loss = self.task_losses(run, logits, labels)
         return MultiTaskModelOutput(loss=loss, logits=logits, losses=losses)
 
-    def _task_loss(self, task: str, logits: Tensor, labels: Tensor) -> Tensor:
-        """The loss of ``task``'s head; label errors name the task."""
+    def compute_task_loss(self, task: str, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``task``'s kind (:data:`mtl_plugins.losses.KIND_LOSSES`, the task's ``loss`` if it names one)."""
         entry = self.config.task(task)
-        loss_fn = HEAD_KINDS[entry["kind"]].loss_for(entry.get("loss"))
-        try:
-            return loss_fn(logits, labels, ignore_index=entry["ignore_index"])
-        except ValueError as error:
-            raise ValueError(f"task {task!r}: {error}") from error
+        return loss_for_kind(entry["kind"], entry.get("loss"))(logits, labels, ignore_index=entry["ignore_index"])
 
     @torch.no_grad()
     def predict(self, inputs: Mapping[str, Tensor] | Tensor, task: str | None = None) -> dict[str, Tensor]:

@@ -2,7 +2,8 @@
 
 Recipe task kinds map to head kinds (``classification`` -> ``sequence_classification`` for text,
 ``regression`` -> ``regression``; dense kinds keep their names) unless ``task_kinds`` names them.
-A ``dense_regression`` head trains with the task spec's loss (``l1`` or ``mse``).
+The task spec's loss must be one the head kind trains with (:data:`mtl_plugins.losses.KIND_LOSSES`);
+a ``dense_regression`` head trains with the one it names (``l1`` or ``mse``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mtl_plugins.losses import kind_loss_name, kind_losses
 from mtl_plugins.models import register_model
 from mtl_plugins.tasks import TaskSpec
 
@@ -17,20 +19,15 @@ from .configuration import MultiTaskConfig
 from .heads import HEAD_KINDS
 from .modeling import MultiTaskModel
 
-#: Recipe task kind -> (head kind, the loss the head computes, as a recipe loss name).
-SPEC_KINDS = {"classification": ("sequence_classification", "cross_entropy"), "regression": ("regression", "mse")}
-#: Recipe loss names that a head kind with a choice of losses knows under a shorter name.
-REGRESSION_LOSSES = {"dense_l1": "l1", "dense_mse": "mse"}
+#: Recipe task kind -> the head kind that trains it.
+SPEC_KINDS = {"classification": "sequence_classification", "regression": "regression"}
 
 
 def head_task(name: str, spec: TaskSpec, kind: str | None, loss_weight: float) -> dict[str, Any]:
     """The task entry for ``spec``; a recipe loss that the head would not compute is an error."""
     if kind is None:
         if spec.kind in SPEC_KINDS:
-            kind, loss = SPEC_KINDS[spec.kind]
-            if spec.loss != loss:
-                raise ValueError(f"task {name!r}: hub_multitask trains {spec.kind} tasks with {loss}, "
-                                 f"the dataset asks for {spec.loss!r}")
+            kind = SPEC_KINDS[spec.kind]
         elif spec.kind in HEAD_KINDS:
             kind = spec.kind
         else:
@@ -38,11 +35,15 @@ def head_task(name: str, spec: TaskSpec, kind: str | None, loss_weight: float) -
     entry = {"name": name, "kind": kind, "num_outputs": spec.num_outputs, "loss_weight": loss_weight}
     if spec.labels is not None:
         entry["labels"] = list(spec.labels)
-    if HEAD_KINDS[kind].losses:
-        loss = REGRESSION_LOSSES.get(spec.loss, spec.loss)
-        if loss not in HEAD_KINDS[kind].losses:
-            raise ValueError(f"task {name!r}: the {kind} head trains with {sorted(HEAD_KINDS[kind].losses)}, "
-                             f"the dataset asks for {spec.loss!r}")
+    losses = kind_losses(kind)
+    loss = kind_loss_name(kind, spec.loss)
+    if loss is None and len(losses) > 1:
+        raise ValueError(f"task {name!r}: the {kind} head trains with {sorted(losses)}, "
+                         f"the dataset asks for {spec.loss!r}")
+    if loss is None:
+        raise ValueError(f"task {name!r}: hub_multitask trains {spec.kind} tasks with {next(iter(losses))}, "
+                         f"the dataset asks for {spec.loss!r}")
+    if len(losses) > 1:
         entry["loss"] = loss
     return entry
 

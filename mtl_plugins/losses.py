@@ -6,6 +6,9 @@ normals, class-balanced binary cross-entropy for edges (positive weight 0.95) an
 from the label balance). Signed dense regression maps (Taskonomy) use L1 or MSE over every element.
 Regression losses (``mse``, ``l1``) leave out labels equal to ``ignore_index`` when one is given.
 Masked losses average over valid positions and are 0 when none is valid.
+
+:data:`LOSSES` names every loss; :data:`KIND_LOSSES` says which of them each task kind trains with
+(every model, HPS or Hub, takes a task's loss from there).
 """
 
 from __future__ import annotations
@@ -175,6 +178,56 @@ LOSSES: dict[str, LossFn] = {
     "dense_l1": dense_l1,
     "dense_mse": dense_mse,
 }
+
+
+def token_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy of ``B x T x C`` token logits over the labelled tokens."""
+    return masked_cross_entropy(logits.transpose(1, 2), target, ignore_index=ignore_index)
+
+
+#: Task kind -> the losses a task of that kind trains with (name -> function), the default first.
+#: A kind with one loss always trains with it; a kind with several lets each task choose one.
+KIND_LOSSES: dict[str, dict[str, LossFn]] = {
+    "classification": {"cross_entropy": cross_entropy},
+    "regression": {"mse": mse},
+    "sequence_classification": {"cross_entropy": masked_cross_entropy},
+    "token_classification": {"cross_entropy": token_cross_entropy},
+    "semantic_segmentation": {"masked_cross_entropy": masked_cross_entropy},
+    "human_parts": {"masked_cross_entropy": masked_cross_entropy},
+    "saliency": {"balanced_bce": balanced_bce},
+    "depth": {"depth_l1": depth_l1},
+    "normals": {"normals_l1": normals_l1},
+    "edges": {"edge_bce": edge_bce},
+    "dense_regression": {"l1": dense_l1, "mse": dense_mse},
+}
+
+
+def kind_losses(kind: str) -> dict[str, LossFn]:
+    """The losses of task kind ``kind`` (name -> function, the default first)."""
+    if kind not in KIND_LOSSES:
+        raise ValueError(f"unknown task kind {kind!r}; available: {', '.join(KIND_LOSSES)}")
+    return KIND_LOSSES[kind]
+
+
+def kind_loss_name(kind: str, name: str | None) -> str | None:
+    """``kind``'s own name for loss ``name`` (its default for None): a name of the kind's losses, or a
+    :data:`LOSSES` name of the same function (``dense_l1`` is ``dense_regression``'s ``l1``).
+    None when the kind has no such loss."""
+    losses = kind_losses(kind)
+    if name is None:
+        return next(iter(losses))
+    if name in losses:
+        return name
+    function = LOSSES.get(name)
+    return next((own for own, fn in losses.items() if function is not None and fn is function), None)
+
+
+def loss_for_kind(kind: str, name: str | None = None) -> LossFn:
+    """The loss function of task kind ``kind`` named ``name`` (:func:`kind_loss_name`; the default for None)."""
+    own = kind_loss_name(kind, name)
+    if own is None:
+        raise ValueError(f"task kind {kind!r} trains with one of {sorted(kind_losses(kind))}, got loss={name!r}")
+    return kind_losses(kind)[own]
 
 
 def get_loss(name_or_fn: str | LossFn) -> LossFn:

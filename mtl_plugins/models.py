@@ -12,6 +12,7 @@ from importlib import import_module
 from torch import nn
 
 from .architectures.hps import HPS
+from .losses import loss_for_kind
 from .tasks import TaskSpec
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -65,7 +66,7 @@ def multidigits_cnn(tasks: Sequence[str], task_specs: Mapping[str, TaskSpec], wi
         t: nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, task_specs[t].num_outputs))
         for t in tasks
     }
-    losses = {t: task_specs[t].loss for t in tasks}
+    losses = {t: loss_for_kind(task_specs[t].kind, task_specs[t].loss) for t in tasks}
     return HPS(tasks, encoder=multidigits_encoder(width), heads=heads, losses=losses)
 
 

@@ -8,12 +8,16 @@ from torch import nn
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(shared, task_specific) trainable parameters of a model with ``get_share_params()``."""
-    if not hasattr(model, "get_share_params"):
+    """(shared, task_specific) trainable parameters of a model with ``get_share_params()``, in the
+    model's parameter order; wrappers with a ``.module`` (DDP, ...) are looked through."""
+    inner = model
+    while not hasattr(inner, "get_share_params") and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    if not hasattr(inner, "get_share_params"):
         raise TypeError(f"{type(model).__name__} has no get_share_params(): cannot split shared/task-specific parameters")
-    shared_ids = {id(p) for p in model.get_share_params()}
+    shared_ids = {id(p) for p in inner.get_share_params()}
     shared, specific = [], []
-    for p in model.parameters():
+    for p in inner.parameters():
         if p.requires_grad:
             (shared if id(p) in shared_ids else specific).append(p)
     return shared, specific

@@ -165,3 +165,33 @@ def test_class_labels_given_as_floats_must_be_whole_numbers():
     for loss in (cross_entropy, masked_cross_entropy):
         with pytest.raises(ValueError, match="whole numbers"):
             loss(logits, torch.tensor([0.0, 1.7]))  # .long() would have trained on class 1
+
+
+def test_each_task_kind_names_its_losses_and_accepts_their_long_names():
+    from mtl_plugins.losses import KIND_LOSSES, loss_for_kind
+
+    assert loss_for_kind("dense_regression") is LOSSES["dense_l1"]
+    assert loss_for_kind("dense_regression", "dense_mse") is loss_for_kind("dense_regression", "mse") is LOSSES["dense_mse"]
+    assert loss_for_kind("semantic_segmentation", "masked_cross_entropy") is LOSSES["masked_cross_entropy"]
+    assert loss_for_kind("classification") is LOSSES["cross_entropy"]
+    with pytest.raises(ValueError, match=r"task kind 'depth' trains with one of \['depth_l1'\], got loss='mse'"):
+        loss_for_kind("depth", "mse")
+    with pytest.raises(ValueError, match="unknown task kind 'dice'"):
+        loss_for_kind("dice")
+    # token logits are B x T x C: the cross-entropy of every labelled token
+    logits = torch.randn(2, 3, 4, dtype=torch.float64)
+    target = torch.tensor([[0, 3, -100], [1, 2, 2]])
+    keep = target != -100
+    expected = -torch.log_softmax(logits, dim=-1)[keep].gather(1, target[keep][:, None]).mean()
+    torch.testing.assert_close(KIND_LOSSES["token_classification"]["cross_entropy"](logits, target), expected)
+
+
+def test_every_builtin_dataset_asks_for_a_loss_its_task_kinds_train_with():
+    from mtl_plugins.data import drug_reviews, multidigits
+    from mtl_plugins.data.dense import cityscapes, nyud, pascal_context, taskonomy
+    from mtl_plugins.losses import loss_for_kind
+
+    specs = [*multidigits.TASKS.values(), *drug_reviews.task_specs(3).values(), *cityscapes.TASKS.values(),
+             *nyud.TASKS.values(), *pascal_context.TASKS.values(), *taskonomy.TASKS.values()]
+    for spec in specs:
+        assert callable(loss_for_kind(spec.kind, spec.loss)), spec  # raises for a loss the kind lacks

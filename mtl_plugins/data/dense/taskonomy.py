@@ -41,7 +41,8 @@ CHANNELS = {
     "segment_unsup25d": 1,
 }
 TASKS: dict[str, TaskSpec] = {
-    t: TaskSpec("normals" if t == "normal" else "dense_regression", c, "mse" if t == "principal_curvature" else "l1",
+    t: TaskSpec("normals" if t == "normal" else "dense_regression", c,
+                "normals_l1" if t == "normal" else "mse" if t == "principal_curvature" else "l1",
                 "mse" if t == "principal_curvature" else "l1", False)
     for t, c in CHANNELS.items()
 }
