@@ -13,14 +13,16 @@ losses and task connections of ``mtl_plugins``, so the ``mtl-plugins`` package m
 
 from transformers import AutoConfig, AutoModel
 
+from mtl_plugins.pretrained import resolve_pretrained
+
 from .card import build_model_card
 from .configuration import MultiTaskConfig
 from .heads import HEAD_KINDS
 from .modeling import MultiTaskModel, MultiTaskModelOutput
-from .pretrained import resolve_pretrained
+from .recipe import hub_multitask  # registers the recipe model ``hub_multitask``
 
 AutoConfig.register(MultiTaskConfig.model_type, MultiTaskConfig, exist_ok=True)
 AutoModel.register(MultiTaskConfig, MultiTaskModel, exist_ok=True)
 
 __all__ = ["HEAD_KINDS", "MultiTaskConfig", "MultiTaskModel", "MultiTaskModelOutput", "build_model_card",
-           "resolve_pretrained"]
+           "hub_multitask", "resolve_pretrained"]

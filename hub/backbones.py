@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoBackbone, AutoModel, PreTrainedConfig
 
+from mtl_plugins.pretrained import resolve_pretrained
+
 from .configuration import VIT_MODEL_TYPES, backbone_modality
-from .pretrained import resolve_pretrained
 
 
 def backbone_class(config: PreTrainedConfig) -> tuple[type, dict]:

@@ -16,8 +16,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from mtl_plugins.pretrained import hub_id
+
 from .configuration import VIT_MODEL_TYPES, backbone_modality
-from .pretrained import hub_id
 
 #: What each task-specific connection mode adds to the backbone, for the card's text.
 CONNECTION_MODES = {

@@ -11,9 +11,9 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
 from mtl_plugins.losses import kind_losses
+from mtl_plugins.pretrained import resolve_pretrained
 
 from .heads import HEAD_KINDS, HeadKind
-from .pretrained import resolve_pretrained
 
 #: Vision transformers without an ``AutoBackbone`` class: features are read from their hidden states.
 VIT_MODEL_TYPES = ("vit",)

@@ -1,13 +1,13 @@
 """Recipe models: name -> builder ``builder(tasks, task_specs, **options) -> nn.Module``.
 
 A recipe model's forward takes the inputs and labels named after the tasks and returns a
-:class:`~mtl_plugins.outputs.MultiTaskOutput`; it offers ``get_share_params()``.
+:class:`~mtl_plugins.outputs.MultiTaskOutput`; it offers ``get_share_params()``. The Hub's recipe
+model (``hub_multitask``) registers itself here when ``mtl_plugins.hub`` is imported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from importlib import import_module
 
 from torch import nn
 
@@ -16,8 +16,6 @@ from .losses import loss_for_kind
 from .tasks import TaskSpec
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
-#: Modules (besides this one) whose import registers more recipe models; imported on first use.
-BUILTIN_MODULES: tuple[str, ...] = ("mtl_plugins.hub.recipe",)
 
 
 def register_model(name: str):
@@ -34,10 +32,9 @@ def register_model(name: str):
 
 def build_model(name: str, tasks: Sequence[str], task_specs: Mapping[str, TaskSpec], **options) -> nn.Module:
     """Build recipe model ``name`` for ``tasks``; unknown names list the available ones."""
-    for module in BUILTIN_MODULES:
-        import_module(module)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))} (Hugging Face models such "
+                         "as hub_multitask register when mtl_plugins.hub is imported)")
     return MODELS[name](list(tasks), dict(task_specs), **options)
 
 

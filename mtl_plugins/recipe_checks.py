@@ -148,15 +148,14 @@ def static_datasets() -> dict[str, Options]:
     return _static_builders(tuple(f"{data.__name__}.{m}" for m in data.BUILTIN_MODULES), "register_dataset")
 
 
+#: The modules whose sources define the built-in recipe models (the core's and the Hub's).
+MODEL_MODULES = ("mtl_plugins.models", "mtl_plugins.hub.recipe")
+
+
 @cache
 def static_models() -> dict[str, Options]:
     """The built-in model builders' options (after ``tasks, task_specs``), from their sources."""
-    tree = _module_source("mtl_plugins.models")
-    modules = ["mtl_plugins.models"]
-    for node in tree.body if tree is not None else ():
-        if isinstance(node, (ast.Assign, ast.AnnAssign)) and "BUILTIN_MODULES" in ast.unparse(node).split("=")[0]:
-            modules += list(ast.literal_eval(node.value))
-    builders = _static_builders(tuple(modules), "register_model")
+    builders = _static_builders(MODEL_MODULES, "register_model")
     return {name: (dict(list(options.items())[2:]), extra) for name, (options, extra) in builders.items()}
 
 
@@ -182,21 +181,23 @@ def check_recipe_types(recipe: Mapping[str, Any], strategy: bool = True) -> None
         from .data import DATASETS, _load_builtins
 
         _load_builtins()
-        if name not in DATASETS:
-            raise ValueError(f"data.dataset: unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
-        options = builder_options(DATASETS[name], 0)
+        try:
+            options = builder_options(DATASETS.get(name), 0)
+        except ValueError as error:
+            raise ValueError(f"data.dataset: {error}") from None
     check_values("data", data, options[0], f"dataset {name!r}", options[1])
     spec = recipe.get("model", {})
     name = spec.get("name", "multidigits_cnn")
     options = static_models().get(name)
     if options is None:
-        from . import models
+        import mtl_plugins.hub  # noqa: F401  (registers the Hub's recipe models)
 
-        for module in models.BUILTIN_MODULES:
-            __import__(module)
-        if name not in models.MODELS:
-            raise ValueError(f"model.name: unknown model {name!r}; available: {', '.join(sorted(models.MODELS))}")
-        options = builder_options(models.MODELS[name], 2)
+        from .models import MODELS
+
+        try:
+            options = builder_options(MODELS.get(name), 2)
+        except ValueError as error:
+            raise ValueError(f"model.name: {error}") from None
     check_values("model.options", spec.get("options", {}), options[0], f"model {name!r}", options[1])
     if not strategy:
         return

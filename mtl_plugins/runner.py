@@ -24,6 +24,7 @@ from .models import build_model as build_recipe_model
 from .plots import plot_loss_curves
 from .predictions import can_draw, plot_predictions
 from .recipe_checks import resume_checkpoint
+from .registry import ARCHITECTURES
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
@@ -73,12 +74,15 @@ def build_datasets(recipe: Mapping[str, Any]) -> DataBundle:
 
 
 def build_model(recipe: Mapping[str, Any], data: DataBundle) -> torch.nn.Module:
-    """The recipe's ``model`` section: a registered model, converted by ``architecture`` if not ``hps``."""
+    """The recipe's ``model`` section: a registered model (the Hub's included), converted by its
+    ``architecture`` when that is one that converts a model (takes ``model=``, e.g. ``task_connections``)."""
+    import mtl_plugins.hub  # noqa: F401  (registers the Hub's recipe models)
+
     spec = recipe.get("model", {})
     tasks = data.tasks
     model = build_recipe_model(spec.get("name", "multidigits_cnn"), tasks, data.task_specs, **spec.get("options", {}))
-    architecture = spec.get("architecture", "hps")
-    if architecture not in ("hps", "HPS"):
+    architecture = ARCHITECTURES.resolve(spec.get("architecture", "hps"))
+    if "model" in ARCHITECTURES.accepted_options(architecture):
         build_architecture(architecture, tasks, model=model)
     return model
 

@@ -70,3 +70,16 @@ def test_strategy_state_round_trip_restores_rng():
     first = torch.rand(3, generator=strategy.generator)
     strategy.load_state_dict(state)
     assert torch.equal(first, torch.rand(3, generator=strategy.generator))
+
+
+def test_core_imports_neither_trainer_nor_hub_nor_transformers():
+    core = ["strategies", "architectures", "data", "metrics", "losses", "grouping", "models", "loop", "param_groups",
+            "loss_weights", "pretrained"]
+    code = ("import importlib, sys\n"
+            f"for name in {core!r}: importlib.import_module('mtl_plugins.' + name)\n"
+            "import mtl_plugins.data, mtl_plugins.models\n"
+            "mtl_plugins.data.available_datasets(); mtl_plugins.available_architectures()\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('mtl_plugins.trainers', 'mtl_plugins.hub', "
+            "'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -130,7 +130,7 @@ def drug_reviews_data(tasks: Sequence[str] | None = None, tokenizer: str = DEFAU
     ``train_size``/``eval_size`` random subsets when given."""
     from transformers import AutoTokenizer
 
-    from mtl_plugins.hub.pretrained import resolve_pretrained
+    from ..pretrained import resolve_pretrained
 
     tasks = list(TASKS) if tasks is None else list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
