@@ -13,29 +13,26 @@ from torch import nn
 
 from .architectures.hps import HPS
 from .losses import loss_for_kind
+from .registry import Registry
 from .tasks import TaskSpec
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS = Registry("model", arguments=("tasks", "task_specs"),
+                  hint="Hugging Face models such as hub_multitask register when mtl_plugins.hub is imported")
 
 
-def register_model(name: str):
-    """Register a recipe model builder under ``name``."""
+def register_model(name: str, *, aliases: Sequence[str] = ()) -> Callable:
+    """Register a recipe model builder ``builder(tasks, task_specs, **options)`` under ``name``."""
+    return MODELS.register(name, aliases=aliases)
 
-    def decorator(builder):
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
 
-    return decorator
+def available_models() -> list[str]:
+    """Names of every registered recipe model."""
+    return MODELS.available()
 
 
 def build_model(name: str, tasks: Sequence[str], task_specs: Mapping[str, TaskSpec], **options) -> nn.Module:
-    """Build recipe model ``name`` for ``tasks``; unknown names list the available ones."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))} (Hugging Face models such "
-                         "as hub_multitask register when mtl_plugins.hub is imported)")
-    return MODELS[name](list(tasks), dict(task_specs), **options)
+    """Build recipe model ``name`` for ``tasks``; unknown names and options are errors listing the accepted ones."""
+    return MODELS.build(name, list(tasks), dict(task_specs), **options)
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:

@@ -1,8 +1,11 @@
-"""Name -> class registries for strategies and architectures (LibMTL-style, with aliases).
+"""Name -> plugin registries (LibMTL-style, with aliases): strategies, architectures, recipe models
+and datasets.
 
-A plugin is a class whose ``__init__`` takes the task list first and keyword options after it.
-Options are checked against the signature: unknown names and ill-typed values are rejected with an
-error that names the option and the accepted ones.
+A plugin is a class or a function. Its leading positional arguments are fixed by the registry (the
+task list for strategies and architectures; tasks and task specs for models; none for datasets);
+keyword options follow. Options are checked against the signature: unknown names (unless it takes
+``**options``) and ill-typed values are rejected with an error that names the option and the
+accepted ones.
 """
 
 from __future__ import annotations
@@ -68,25 +71,31 @@ def _describe(annotation: Any) -> str:
 
 
 class Registry:
-    """A named collection of plugin classes with aliases and option checking."""
+    """A named collection of plugins (classes or functions) with aliases and option checking.
 
-    def __init__(self, kind: str):
+    ``arguments`` names the positional arguments every plugin takes before its options (``tasks``
+    first, when given, is checked with :func:`check_tasks`); ``hint`` ends the unknown-name error.
+    """
+
+    def __init__(self, kind: str, arguments: Sequence[str] = ("tasks",), hint: str = ""):
         self.kind = kind
-        self._classes: dict[str, type] = {}
+        self.arguments = tuple(arguments)
+        self.hint = hint
+        self._classes: dict[str, Any] = {}
         self._aliases: dict[str, str] = {}
 
-    def register(self, name: str, *, aliases: Sequence[str] = ()) -> Callable[[type[T]], type[T]]:
-        """Class decorator registering ``cls`` under ``name`` (and optional aliases)."""
+    def register(self, name: str, *, aliases: Sequence[str] = ()) -> Callable[[T], T]:
+        """Decorator registering a class or function under ``name`` (and optional aliases)."""
 
-        def decorator(cls: type[T]) -> type[T]:
+        def decorator(plugin: T) -> T:
             for key in (name, *aliases):
                 if key in self._classes or key in self._aliases:
                     raise ValueError(f"{self.kind} {key!r} is already registered")
-            self._classes[name] = cls
+            self._classes[name] = plugin
             for alias in aliases:
                 self._aliases[alias] = name
-            cls.name = name  # type: ignore[attr-defined]
-            return cls
+            plugin.name = name  # type: ignore[attr-defined]
+            return plugin
 
         return decorator
 
@@ -103,25 +112,37 @@ class Registry:
         lowered = {k.lower(): k for k in self._classes} | {k.lower(): v for k, v in self._aliases.items()}
         if isinstance(name, str) and name.lower() in lowered:
             return lowered[name.lower()]
-        raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.available())}")
+        hint = f" ({self.hint})" if self.hint else ""
+        raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.available())}{hint}")
 
-    def get(self, name: str) -> type:
+    def get(self, name: str) -> Any:
         return self._classes[self.resolve(name)]
 
+    def _callable(self, name: str) -> Callable[..., Any]:
+        """What is called with the options: the class's ``__init__`` or the function itself."""
+        plugin = self.get(name)
+        return plugin.__init__ if isinstance(plugin, type) else plugin
+
+    def _parameters(self, name: str) -> list[inspect.Parameter]:
+        """The plugin's parameters after ``self`` (classes) and the registry's positional arguments."""
+        params = list(inspect.signature(self._callable(name)).parameters.values())
+        skip = len(self.arguments) + isinstance(self.get(name), type)
+        return params[skip:]
+
     def accepted_options(self, name: str) -> dict[str, inspect.Parameter]:
-        """The keyword options of a plugin, from its ``__init__`` signature."""
-        cls = self.get(name)
-        params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, tasks
-        return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        """The keyword options of a plugin, from its signature."""
+        return {p.name: p for p in self._parameters(name) if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
     def check_options(self, name: str, options: dict[str, Any]) -> None:
         """Raise ``TypeError`` naming the bad option and the accepted ones."""
-        cls = self.get(name)
         accepted = self.accepted_options(name)
-        hints = typing.get_type_hints(cls.__init__)
+        open_ended = any(p.kind == p.VAR_KEYWORD for p in self._parameters(name))
+        hints = typing.get_type_hints(self._callable(name))
         listing = ", ".join(f"{k}: {_describe(hints.get(k, p.annotation))}" for k, p in accepted.items())
         for key, value in options.items():
             if key not in accepted:
+                if open_ended:
+                    continue
                 raise TypeError(
                     f"{self.kind} {self.resolve(name)!r} has no option {key!r}; accepted options: {listing or 'none'}"
                 )
@@ -131,11 +152,15 @@ class Registry:
                     f"{self.kind} {self.resolve(name)!r}: option {key}={value!r} should be {_describe(annotation)}"
                 )
 
-    def build(self, name: str, tasks: Sequence[str], **options: Any) -> Any:
-        """Instantiate plugin ``name`` for ``tasks`` after checking the options."""
-        tasks = check_tasks(tasks)
+    def build(self, name: str, *args: Any, **options: Any) -> Any:
+        """Call plugin ``name`` with the registry's positional arguments after checking the options."""
+        if len(args) != len(self.arguments):
+            raise TypeError(f"building a {self.kind} takes {len(self.arguments)} positional arguments "
+                            f"({', '.join(self.arguments) or 'none'}), got {len(args)}")
+        if self.arguments[:1] == ("tasks",):
+            args = (check_tasks(args[0]), *args[1:])
         self.check_options(name, options)
-        return self.get(name)(tasks, **options)
+        return self.get(name)(*args, **options)
 
 
 STRATEGIES = Registry("strategy")

@@ -83,3 +83,37 @@ def test_core_imports_neither_trainer_nor_hub_nor_transformers():
             "'transformers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_models_and_datasets_share_the_registry_errors_and_aliases():
+    from mtl_plugins.data import DATASETS, available_datasets, build_data
+    from mtl_plugins.models import MODELS, available_models, build_model
+
+    assert isinstance(MODELS, Registry) and isinstance(DATASETS, Registry)
+    assert "multidigits_cnn" in available_models() and "multidigits" in available_datasets()
+    with pytest.raises(ValueError, match="unknown model 'nope'; available: .*multidigits_cnn.*mtl_plugins.hub"):
+        build_model("nope", ["a"], {})
+    with pytest.raises(TypeError, match="model 'multidigits_cnn' has no option 'depth'; accepted options: width: int"):
+        build_model("multidigits_cnn", ["left"], {}, depth=3)
+    with pytest.raises(TypeError, match="option width='wide' should be int"):
+        build_model("multidigits_cnn", ["left"], {}, width="wide")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; available: .*multidigits"):
+        build_data("mnist")
+    with pytest.raises(TypeError, match="dataset 'multidigits' has no option 'size'; accepted options: tasks"):
+        build_data("multidigits", size=3)
+
+
+def test_function_plugins_with_fixed_arguments_and_open_options():
+    registry = Registry("model", arguments=("tasks", "task_specs"))
+
+    @registry.register("pair", aliases=("Pair",))
+    def pair(tasks, task_specs, *, scale: float = 1.0, **extra):
+        return tasks, task_specs, scale, extra
+
+    assert registry.build("PAIR", ["a"], {"a": 1}, scale=2, colour="red") == (["a"], {"a": 1}, 2, {"colour": "red"})
+    with pytest.raises(TypeError, match="scale='big' should be float"):
+        registry.build("pair", ["a"], {}, scale="big")
+    with pytest.raises(TypeError, match=r"takes 2 positional arguments \(tasks, task_specs\), got 1"):
+        registry.build("pair", ["a"])
+    with pytest.raises(ValueError, match="duplicate task names"):
+        registry.build("pair", ["a", "a"], {})

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
+from ..registry import Registry
 from ..tasks import TaskSpec
 
 
@@ -26,27 +27,19 @@ class DataBundle:
     validation: Any = None
 
 
-DATASETS: dict[str, Callable[..., DataBundle]] = {}
+DATASETS = Registry("dataset", arguments=())
+Builder = Callable[..., DataBundle]
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
+def register_dataset(name: str, *, aliases: Sequence[str] = ()) -> Callable[[Builder], Builder]:
     """Register a recipe dataset builder ``builder(**options) -> DataBundle`` under ``name``."""
-
-    def decorator(builder: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        DATASETS[name] = builder
-        return builder
-
-    return decorator
+    return DATASETS.register(name, aliases=aliases)
 
 
 def build_data(name: str, **options: Any) -> DataBundle:
-    """Build the recipe dataset ``name``; unknown names list the available ones."""
+    """Build the recipe dataset ``name``; unknown names and options are errors listing the accepted ones."""
     _load_builtins()
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](**options)
+    return DATASETS.build(name, **options)
 
 
 #: Modules whose import registers the built-in dataset builders (imported on first use).
@@ -62,8 +55,9 @@ BUILTIN_MODULES = (
 
 
 def available_datasets() -> list[str]:
+    """Names of every registered recipe dataset."""
     _load_builtins()
-    return sorted(DATASETS)
+    return DATASETS.available()
 
 
 def _load_builtins() -> None:
