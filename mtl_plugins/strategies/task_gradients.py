@@ -33,24 +33,22 @@ import torch
 from torch import Tensor, nn
 
 from ..architectures.task_connections import has_task_connections
+from ..param_groups import split_parameters
 from .base import Closure, Updater, check_finite_losses, check_losses, to_host
 
 
 def split_model_parameters(model: nn.Module | None, strategy: str) -> tuple[list[Tensor], list[Tensor]]:
-    """(shared, task-specific) trainable parameters of ``model`` (unwrapping ``.module`` wrappers)."""
+    """(shared, task-specific) trainable parameters of ``model`` (:func:`~mtl_plugins.param_groups.split_parameters`);
+    errors name ``strategy``."""
     if model is None:
         raise ValueError(
             f"strategy {strategy!r} aggregates the shared parameters' Jacobian: build it with "
             "model=<a model with get_share_params()> (the runner passes it)"
         )
-    inner = model
-    while not hasattr(inner, "get_share_params") and isinstance(getattr(inner, "module", None), nn.Module):
-        inner = inner.module
-    if not hasattr(inner, "get_share_params"):
-        raise TypeError(f"strategy {strategy!r} needs a model with get_share_params(); got {type(model).__name__}")
-    shared_ids = {id(p) for p in inner.get_share_params()}
-    shared = [p for p in inner.parameters() if p.requires_grad and id(p) in shared_ids]
-    specific = [p for p in inner.parameters() if p.requires_grad and id(p) not in shared_ids]
+    try:
+        shared, specific = split_parameters(model)
+    except TypeError:
+        raise TypeError(f"strategy {strategy!r} needs a model with get_share_params(); got {type(model).__name__}") from None
     if not shared:
         raise ValueError(f"strategy {strategy!r}: the model has no trainable shared parameters")
     return shared, specific
