@@ -440,3 +440,20 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path):
     trainer = MultiTaskTrainer(model=vector_model(), args=make_args(tmp_path), train_dataset=data, strategy="ew")
     with pytest.raises(NonFiniteLossError, match="non-finite loss for tasks \\['b'\\]"):
         trainer.train()
+
+
+def test_every_private_transformers_attribute_the_trainer_relies_on_exists(tmp_path):
+    import importlib
+
+    from mtl_plugins.trainers.private_api import INSTANCE_ATTRIBUTES, PRIVATE_ATTRIBUTES
+
+    trainer = MultiTaskTrainer(model=vector_model(), args=make_args(tmp_path, steps=1), train_dataset=vector_data(16))
+    trainer.train()
+    instances = {"transformers.Trainer": trainer, "accelerate.state.GradientState": trainer.accelerator.gradient_state}
+    for key in PRIVATE_ATTRIBUTES:
+        owner, attribute = key.rsplit(".", 1)
+        module, name = owner.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        assert isinstance(instances[owner], cls)
+        target = instances[owner] if key in INSTANCE_ATTRIBUTES else cls
+        assert hasattr(target, attribute), key

@@ -1,4 +1,8 @@
-"""``MultiTaskTrainer``: a ``transformers.Trainer`` that trains a multi-task model with any strategy."""
+"""``MultiTaskTrainer``: a ``transformers.Trainer`` that trains a multi-task model with any strategy.
+
+The private transformers / accelerate attributes it relies on are listed, with the reason for each,
+in :mod:`mtl_plugins.trainers.private_api`.
+"""
 
 from __future__ import annotations
 
