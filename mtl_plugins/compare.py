@@ -22,7 +22,7 @@ import yaml
 from . import available_strategies, build_strategy
 from .config import apply_overrides, check_recipe, list_recipes, load_recipe
 from .recipe_checks import check_recipe_types
-from .registry import STRATEGIES
+from .registry import ARCHITECTURES, STRATEGIES
 
 DEFAULT_STRATEGIES = ("ew", "uw", "dwa", "pcgrad", "mgda", "cagrad", "imtl", "nash_mtl")
 
@@ -67,7 +67,8 @@ def prepare(recipe: Mapping[str, Any], specs: Sequence[str]) -> list[tuple[str, 
         if STRATEGIES.get(canonical).needs_task_connections:
             # conn_strength runs on the recipe's model with task-specific connections
             model = dict(recipe.get("model") or {})
-            if model.get("architecture", "hps") in ("hps", "HPS") and not converts_itself(model):
+            converts = "model" in ARCHITECTURES.accepted_options(ARCHITECTURES.resolve(model.get("architecture", "hps")))
+            if not converts and not converts_itself(model):
                 run["model"] = {**model, "architecture": "task_connections"}
         elif tasks:  # builds it once: raises now if an optional dependency is missing
             build_strategy(canonical, tasks, **options)
