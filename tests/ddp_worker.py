@@ -30,7 +30,10 @@ SPECS = {"a": TaskSpec("classification", 2, "cross_entropy", "accuracy", True),
 #: Strategies that need the model converted by an architecture plugin first.
 ARCHITECTURE_FOR = {"conn_strength": "task_connections"}
 #: Named variants: (registered strategy, options).
-VARIANTS = {"conn_strength_phase2": ("conn_strength", {"schedule": "phase2"})}
+VARIANTS = {"conn_strength_phase2": ("conn_strength", {"schedule": "phase2"}),
+            "pcgrad_batched": ("pcgrad", {"jacobian": "batched"}),
+            "mgda_rep_grad": ("mgda", {"rep_grad": True}),
+            "graddrop_rep_grad": ("graddrop", {"rep_grad": True})}
 #: The strategies written in this file.
 LOCAL = ("two_step", "measure_last", "per_task")
 

@@ -20,7 +20,12 @@ pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 #: Exact under data parallelism with the MLP (no BatchNorm): equal to one process on both batches.
-EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update", "pcgrad"]
+#: The gradient aggregators (one forward, K retained backwards; pcgrad also as one batched backward)
+#: aggregate the process-averaged Jacobian, which is the Jacobian of the whole batch.
+#: With rep_grad the weights come from the representation gradients of the whole batch.
+AGGREGATORS = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop", "cagrad", "nash_mtl",
+               "gradnorm", "pcgrad_batched", "mgda_rep_grad", "graddrop_rep_grad"]
+EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update", *AGGREGATORS]
 #: Need BatchNorm connections (batch statistics differ per process): ranks identical only.
 RANKS_ONLY = ["conn_strength", "conn_strength_phase2"]
 NAMES = EXACT + RANKS_ONLY

@@ -8,9 +8,9 @@ parameters' gradient. So the encoder is back-propagated once instead of K times.
 
 This is an approximation of aggregating the shared parameters' gradients: the weights are computed
 from the representation gradients summed over the batch, as LibMTL does, not from the parameter
-Jacobian. Each process aggregates its own samples' representation gradients (their weights may
-differ between processes); the parameter gradients are then averaged as usual, so replicas stay
-identical. Needs a model with an ``encoder`` module whose output is one tensor (e.g. ``HPS``).
+Jacobian. Across processes those sums are averaged (``updater.reduce_``), so every process uses the
+weights of the whole batch and the averaged parameter gradients equal one process's on the
+concatenated batch. Needs a model with an ``encoder`` module whose output is one tensor (e.g. ``HPS``).
 """
 
 from __future__ import annotations
@@ -99,14 +99,14 @@ def representation_gradients(
             if p.grad is not None:
                 specific_sum[i] = p.grad.clone() if specific_sum[i] is None else specific_sum[i] + p.grad
     present = [g for g in specific_sum if g is not None]
-    if not updater.averages_gradients:
-        updater.reduce_(present)
-    scale = float(updater.loss_scale)
-    per_sample = torch.stack(rows) / scale
-    for g in present:
-        g /= scale
-    values = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in tasks])
+    per_sample = torch.stack(rows)
     summed = per_sample.reshape(len(tasks), per_sample.shape[1], -1).sum(1)
+    updater.reduce_([summed, *([] if updater.averages_gradients else present)])
+    scale = float(updater.loss_scale)
+    if scale != 1.0:
+        for g in (per_sample, summed, *present):
+            g /= scale
+    values = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in tasks])
     return RepresentationGradients(values, summed, specific_sum, per_sample, tap.output)
 
 

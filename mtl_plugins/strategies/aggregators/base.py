@@ -81,10 +81,12 @@ class GradientAggregation(Strategy):
         self.last_weights = weights
         return weights.to(jacobian) @ jacobian
 
-    def aggregate_representation(self, per_sample: Tensor, gramian: Tensor, representation: Tensor) -> Tensor:
+    def aggregate_representation(self, per_sample: Tensor, gramian: Tensor, representation: Tensor,
+                                 updater: Updater | None = None) -> Tensor:
         """The combined representation gradient (``B x ...``) from the per-sample representation
-        gradients (``K x B x ...``) and the Gramian of their batch sums: the Gramian weights times
-        the per-sample gradients, as LibMTL does. ``representation`` is the encoder's output."""
+        gradients (``K x B x ...``) and the Gramian of their batch sums (over the whole batch, all
+        processes): the Gramian weights times the per-sample gradients, as LibMTL does.
+        ``representation`` is the encoder's output; ``updater`` reduces batch statistics across processes."""
         weights = self.gramian_weights(gramian)
         self.last_weights = weights
         return torch.tensordot(weights.to(per_sample), per_sample, dims=1)
@@ -109,7 +111,7 @@ class GradientAggregation(Strategy):
         if host.finite:
             with tjd.seeded(seed, rows.device):
                 if self.rep_grad:
-                    direction = self.aggregate_representation(rows, host.gramian, grads.output.detach())
+                    direction = self.aggregate_representation(rows, host.gramian, grads.output.detach(), updater)
                 else:
                     direction = self.aggregate(rows, host.gramian)
         else:  # fp16 overflow: hand the non-finite sum to the updater, which skips the step

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...registry import register_strategy
+from ..base import Updater
 from .. import torchjd_adapter as tjd
 from .base import JacobianMode, GradientAggregation
 
@@ -31,8 +32,12 @@ class GradDrop(GradientAggregation):
     def aggregate(self, jacobian: Tensor, gramian: Tensor | None = None) -> Tensor:
         return self.aggregator(jacobian)
 
-    def aggregate_representation(self, per_sample: Tensor, gramian: Tensor, representation: Tensor) -> Tensor:
-        signed = (per_sample * representation.sign()).sum(1)  # K x features
+    def aggregate_representation(self, per_sample: Tensor, gramian: Tensor, representation: Tensor,
+                                 updater: Updater | None = None) -> Tensor:
+        signed = (per_sample * representation.sign()).sum(1)  # K x features, over the whole batch:
+        if updater is not None:
+            updater.reduce_([signed])  # every process keeps the same signs
+
         purity = 0.5 * (1 + signed.sum(0) / (signed.abs().sum(0) + 1e-7))
         draw = torch.rand(purity.shape, dtype=purity.dtype, device=purity.device)
         keep = ((purity > draw) & (signed > 0)) | ((purity < draw) & (signed < 0))
