@@ -21,7 +21,7 @@ from torch import nn
 import mtl_plugins
 from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.registry import STRATEGIES
-from mtl_plugins.strategies.base import Strategy, Updater, as_updater, losses_to_floats
+from mtl_plugins.strategies.base import Strategy, as_updater, losses_to_floats
 from mtl_plugins.tasks import TaskSpec
 
 TASKS = ["a", "b"]
@@ -57,7 +57,8 @@ def vector_model(seed: int = 0, dropout: float = 0.0) -> HPS:
 
 def digits_setup(strategy: str, size: int = 64, seed: int = 0):
     """A small MultiDigits CNN (with BatchNorm) and data, converted for ``strategy`` if it needs it."""
-    from mtl_plugins.data.multidigits import TASKS as DIGIT_TASKS, load_multidigits
+    from mtl_plugins.data.multidigits import TASKS as DIGIT_TASKS
+    from mtl_plugins.data.multidigits import load_multidigits
     from mtl_plugins.models import multidigits_cnn
 
     tasks = ["left", "right", "sum"]

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from scaled_updater import ScaledUpdater
 from torch import nn
 
 import mtl_plugins
@@ -16,7 +17,6 @@ from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies import torchjd_adapter
 from mtl_plugins.strategies.base import Updater
-from scaled_updater import ScaledUpdater
 
 TASKS = ["a", "b", "c"]
 TORCHJD_BACKED = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop"]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import yaml
-from torch import nn
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 from safetensors.torch import load
 from test_hub_fixtures import DENSE_TASKS, TEXT_TASKS, bert_config, convnext_config, resnet_config, vit_config
+from torch import nn
 
 import mtl_plugins
 from mtl_plugins.hub import MultiTaskConfig, MultiTaskModel, build_model_card

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from ddp_worker import EVAL_SIZE, same, train_one, vector_data, vector_model
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ddp_worker import ARCHITECTURE_FOR, ddp_args, make_strategy, same, setup, vector_model
 
 import mtl_plugins
-from ddp_worker import ARCHITECTURE_FOR, ddp_args, make_strategy, same, setup, vector_model
 from mtl_plugins.trainers import STRATEGY_STATE_NAME, MultiTaskTrainer
 
 #: Resumed in the quick run: the test strategy, the baseline and the strategies with the most state.

@@ -27,7 +27,6 @@ from ..task_gradients import (
     write_gradients,
 )
 
-
 JacobianMode = Literal["auto", "loop", "batched"]
 
 #: ``jacobian="auto"`` per device type: the K retained backward passes one by one ("loop") or as one

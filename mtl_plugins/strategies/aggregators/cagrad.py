@@ -8,7 +8,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from ...registry import register_strategy
-from .base import JacobianMode, GradientAggregation
+from .base import GradientAggregation, JacobianMode
 from .solvers import cagrad_weights
 
 

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from ...registry import register_strategy
-from ..base import Updater
 from .. import torchjd_adapter as tjd
-from .base import JacobianMode, GradientAggregation
+from ..base import Updater
+from .base import GradientAggregation, JacobianMode
 
 
 @register_strategy("graddrop", aliases=("GradDrop",))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...registry import register_strategy
-from .base import JacobianMode, GradientAggregation
+from .base import GradientAggregation, JacobianMode
 from .solvers import nash_weights
 
 
