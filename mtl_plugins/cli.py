@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("per epoch (validation split):")
             print(format_epoch_table(summary["epochs"]))
         print(f"ran as {describe_environment(summary['environment'])}")
+        for warning in summary.get("warnings", []):
+            print(f"mtl-train: warning: {warning}", file=sys.stderr)
         print(f"outputs written to {args.output_dir or recipe.get('output_dir', 'runs/run')}")
     return 0
 

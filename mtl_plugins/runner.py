@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -435,7 +436,15 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
     save_model(result["model"], str(staging / "model.safetensors"))
     save_hub_model(result["model"], staging / "model", summary, result["strategy"], processor=data.processor)
     torch.save(result["strategy"].state_dict(), staging / "strategy_state.pt")
-    plots = [plot_loss_curves(result["records"], tasks, staging / "loss_curves.png")]
+    plots = []
+    if result["records"]:
+        plots.append(plot_loss_curves(result["records"], tasks, staging / "loss_curves.png", result["evaluations"]))
+    else:
+        warning = (f"no training loss was logged ({result['steps']} steps < logging_steps="
+                   f"{training_options(recipe)['logging_steps']}): no loss_curves.png; set training.logging_steps "
+                   "to at most the number of steps")
+        logging.getLogger(__name__).warning(warning)
+        summary["warnings"] = [warning]
     plots += result["strategy"].write_plots(staging)
     if can_draw(data.task_specs):
         plots.append(plot_predictions(result["model"], data.eval, data.task_specs, tasks, staging / "predictions.png"))

@@ -275,7 +275,8 @@ class ConnectionStrength(Strategy):
     def _record(self, shares: Mapping[str, Sequence[float]]) -> None:
         if self.timeline and self.timeline[-1]["step"] == self.num_steps:
             self.timeline.pop()
-        self.timeline.append({"step": self.num_steps, "overall": self._overall(shares), "layers": dict(shares)})
+        self.timeline.append({"step": self.num_steps, "overall": self._overall(shares), "layers": dict(shares),
+                              "phase": self.last_phase})
         if len(self.timeline) > self.max_timeline:  # thin out, keeping the latest point
             self.timeline = self.timeline[::-1][::2][::-1]
 

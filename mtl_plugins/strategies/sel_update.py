@@ -335,10 +335,13 @@ class SelectiveGroupUpdate(Strategy):
         out.mkdir(parents=True, exist_ok=True)
         heatmap = plot_heatmap(self.affinity.numpy(), self.tasks, out / "sel_update_affinity.png",
                                title=f"Inter-task affinity ({self.num_steps} batches)",
-                               xlabel="target task (loss measured)", ylabel="source task (group updated)")
+                               xlabel="target task (loss measured)", ylabel="source task (group updated)",
+                               colorbar_label="affinity (relative loss decrease)",
+                               note="Row s, column t: how much updating s's group lowered t's loss, relative to "
+                                    "t's loss (decayed average); positive helps, negative hurts.")
         steps, counts = self.group_count_series()
         timeline = plot_series(steps, {"groups": counts}, out / "sel_update_num_groups.png",
-                               title="Number of task groups", ylabel="groups")
+                               title="Number of task groups", ylabel="groups", integer=True)
         return [heatmap, timeline]
 
     # -- persistence ----------------------------------------------------------------------------
