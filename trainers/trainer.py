@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
-from transformers.training_args import ParallelMode
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
+from transformers.training_args import ParallelMode
 
 from mtl_plugins.loss_weights import strategy_for_model
 from mtl_plugins.param_groups import parameter_groups

@@ -24,6 +24,7 @@ pairs are drawn within each pool; everything is deterministic given ``seed``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 
 from ..tasks import TaskSpec, select_tasks
