@@ -11,8 +11,9 @@ optimizer and batches, alternating with it in the same process:
 * ``sel_update``: M x one EW step, M the number of group steps of the batch (K singleton groups
   during warm-up; the number of groups after it, 2 for a single group).
 
-Ratios are medians of per-cycle ratios (:func:`benchmarks.measure.paired_ratio`). Every case also reports its time over one EW step on the plain (hard-parameter-sharing) model, and
-its peak memory (:func:`benchmarks.measure.peak_bytes`) next to the EW step's.
+Ratios are medians of per-cycle ratios (:func:`benchmarks.measure.paired_ratio`). Every case also
+reports its time over one EW step on the plain (hard-parameter-sharing) model, and its peak memory
+(:func:`benchmarks.measure.peak_bytes`) next to the EW step's.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def cost_headline(section: Mapping[str, Any]) -> list[str]:
                          f"one EW step.")
         weightings = [r for r in model["rows"] if r["floor"] == FLOORS["ew_step"] and r["strategy"] != "ew"]
         if weightings:
-            lines.append(f"Loss weightings on {name} ({len(weightings)} methods): median **{statistics.median(r['ratio'] for r in weightings):.2f}x** "
+            ratio = statistics.median(r["ratio"] for r in weightings)
+            lines.append(f"Loss weightings on {name} ({len(weightings)} methods): median **{ratio:.2f}x** "
                          f"one EW step.")
     return lines
 
@@ -136,8 +137,8 @@ def render_scaling(section: Mapping[str, Any]) -> str:
              table(["K", "planted", "groups found (min-max)", "exact recovery", "ARI", "clustering ms",
                     "affinity update ms", "bookkeeping x EW", "conn_strength projection ms"],
                    [[r["tasks"], r["planted"], f"{r['groups_found']:g} ({r['min_groups']}-{r['max_groups']})",
-                     f"{100 * r['exact']:.0f}%", num(r["ari"]), num(r["clustering_ms"]), num(r["affinity_update_ms"]), num(r["bookkeeping_x_ew"], 3),
-                     num(r["projection_ms"])] for r in rows]), ""]
+                     f"{100 * r['exact']:.0f}%", num(r["ari"]), num(r["clustering_ms"]), num(r["affinity_update_ms"]),
+                     num(r["bookkeeping_x_ew"], 3), num(r["projection_ms"])] for r in rows]), ""]
     if aggregators:
         parts += ["Aggregation step of the gradient methods (ms, median; K x 100,000 Jacobian):", "",
                   table(["K", *aggregators], [[r["tasks"], *(num(r[f"aggregate/{a}_ms"], 1) for a in aggregators)]

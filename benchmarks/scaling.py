@@ -182,7 +182,8 @@ def plot_scaling(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     left.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     right.plot(ks, [r["planted"] for r in rows], "k--", label="planted clusters")
     right.errorbar(ks, [r["groups_found"] for r in rows],
-                   yerr=[[r["groups_found"] - r["min_groups"] for r in rows], [r["max_groups"] - r["groups_found"] for r in rows]],
+                   yerr=[[r["groups_found"] - r["min_groups"] for r in rows],
+                         [r["max_groups"] - r["groups_found"] for r in rows]],
                    fmt="o", label="groups found (median, range)")
     right.set_xlabel("number of tasks K")
     right.set_ylabel("groups")

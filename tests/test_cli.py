@@ -100,7 +100,8 @@ def test_quickstart_end_to_end_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     assert records and all(f"loss/{t}" in records[-1] for t in tasks)
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 8
-    assert set(results["test_metrics"]) == {"left/accuracy", "right/accuracy", "left_odd/accuracy", "right_large/accuracy", "sum/mae"}
+    assert set(results["test_metrics"]) == {"left/accuracy", "right/accuracy", "left_odd/accuracy", "right_large/accuracy",
+                                            "sum/mae"}
     higher = {k: not k.endswith("mae") for k in results["test_metrics"]}
     assert results["delta_m"] == pytest.approx(delta_m(results["test_metrics"], results["single_task_metrics"], higher))
     # the single-task baselines are cached: a second run reuses them

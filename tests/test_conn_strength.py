@@ -192,7 +192,9 @@ class Recorder(Updater):
 
 def make_model(dtype=torch.float32, seed=0, tasks=TASKS):
     torch.manual_seed(seed)
-    block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
     encoder = nn.Sequential(block(2, 6), block(6, 8), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                             nn.Linear(32, 10), nn.BatchNorm1d(10), nn.Tanh())
     heads = {t: nn.Linear(10, 3 if t in ("b", "d") else 1) for t in tasks}

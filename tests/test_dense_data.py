@@ -8,15 +8,23 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from dense_fixtures import PART_CLASSES, write_cityscapes, write_nyud, write_pascal, write_taskonomy
 from scipy import ndimage
 from skimage.morphology import thin
 
-from dense_fixtures import PART_CLASSES, write_cityscapes, write_nyud, write_pascal, write_taskonomy
 from mtl_plugins.data import build_data
 from mtl_plugins.data.dense.layout import DatasetLayoutError
 from mtl_plugins.data.dense.morphology import label_edges, laplacian
-from mtl_plugins.data.dense.transforms import (IMAGENET_MEAN, IMAGENET_STD, DenseTransforms, add_ignore_regions,
-                                               photometric_distortion, random_crop, random_flip, random_scaling)
+from mtl_plugins.data.dense.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DenseTransforms,
+    add_ignore_regions,
+    photometric_distortion,
+    random_crop,
+    random_flip,
+    random_scaling,
+)
 
 IGNORE = 255
 
@@ -142,7 +150,8 @@ def test_pascal_eval_targets(pascal):
         assert np.all(boundary[edges == 1])
         assert np.all(edges[1:-1, w // 2 - 1 : w // 2 + 1].sum(axis=1) >= 1)  # (thinning may shorten line ends)
         assert torch.all(got["pixel_values"][:, :top] == 0)
-    with_parts = [i for i in written["splits"]["train"] + written["splits"]["val"] if written["samples"][i]["human_parts"] is not None]
+    with_parts = [i for i in written["splits"]["train"] + written["splits"]["val"]
+                  if written["samples"][i]["human_parts"] is not None]
     assert with_parts and set(np.unique(written["samples"][with_parts[0]]["human_parts"])) <= {0, *PART_CLASSES.values()}
 
 
@@ -315,7 +324,8 @@ def test_taskonomy_partitions_and_decoded_values(taskonomy):
 
         rgb = np.asarray(Image.open(path), dtype=np.float64)
         np.testing.assert_allclose(got["pixel_values"].numpy(), (rgb / 127.5 - 1).transpose(2, 0, 1), atol=1e-5)
-        np.testing.assert_allclose(got["depth_zbuffer"][0].numpy(), np.log1p(stored["depth_zbuffer"]) / math.log(65536), rtol=1e-5)
+        np.testing.assert_allclose(got["depth_zbuffer"][0].numpy(), np.log1p(stored["depth_zbuffer"]) / math.log(65536),
+                                   rtol=1e-5)
         kp = np.clip(stored["keypoints2d"].astype(float), 0, 0.005 * 65536) / (0.005 * 65536) * 2 - 1
         np.testing.assert_allclose(got["keypoints2d"][0].numpy(), kp, atol=1e-5)
         np.testing.assert_allclose(got["normal"].numpy(), (stored["normal"] / 127.5 - 1).transpose(2, 0, 1), atol=1e-5)
@@ -370,7 +380,8 @@ def test_cityscapes_arrays_and_ignore_values(tmp_path):
         got = data.eval[index]
         np.testing.assert_array_equal(got["pixel_values"].numpy(), stored["image"].transpose(2, 0, 1))
         np.testing.assert_array_equal(got["semseg"].numpy(), np.where(stored["semseg"] < 0, IGNORE, stored["semseg"]))
-        np.testing.assert_array_equal(got["depth"].numpy(), np.where(stored["depth"] == 0, IGNORE, stored["depth"]).transpose(2, 0, 1))
+        np.testing.assert_array_equal(got["depth"].numpy(),
+                                      np.where(stored["depth"] == 0, IGNORE, stored["depth"]).transpose(2, 0, 1))
     torch.manual_seed(0)
     batch = data.train[[0, 1, 2]]
     assert batch["pixel_values"].shape == (3, 3, 16, 32) and batch["depth"].shape == (3, 1, 16, 32)

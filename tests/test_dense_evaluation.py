@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from test_dense_metrics import ref_depth, ref_segmentation
+from torch import nn
+from transformers import EvalPrediction
 
 from mtl_plugins.metrics.compute_metrics import ComputeMetrics
 from mtl_plugins.metrics.delta_m import delta_m
 from mtl_plugins.metrics.evaluation import build_metrics, evaluate_batches
 from mtl_plugins.metrics.paper import delta_m_selection, paper_delta_m, paper_numbers, paper_results
 from mtl_plugins.tasks import TaskSpec
-from transformers import EvalPrediction
 
 SPECS = {
     "semseg": TaskSpec("semantic_segmentation", 4, "cross_entropy", "miou", True),
@@ -27,14 +26,15 @@ def batches(n=4, seed=0):
     for _ in range(n):
         out.append({
             "logits": {"semseg": torch.randn(2, 4, 6, 7, generator=g), "depth": torch.rand(2, 1, 6, 7, generator=g) * 3},
-            "labels": {"semseg": torch.randint(0, 4, (2, 6, 7), generator=g), "depth": torch.rand(2, 1, 6, 7, generator=g) * 3 + 0.1},
+            "labels": {"semseg": torch.randint(0, 4, (2, 6, 7), generator=g),
+                       "depth": torch.rand(2, 1, 6, 7, generator=g) * 3 + 0.1},
         })
     return out
 
 
 def reference(logits, labels):
     """Every metric from the NumPy references of test_dense_metrics (float64, over all batches)."""
-    segmentation = ref_segmentation([l.argmax(1).numpy() for l in logits["semseg"]],
+    segmentation = ref_segmentation([lg.argmax(1).numpy() for lg in logits["semseg"]],
                                     [t.numpy() for t in labels["semseg"]], 4)
     depth = ref_depth([p.numpy() for p in logits["depth"]], [t.numpy() for t in labels["depth"]])
     return {**{f"semseg/{k}": v for k, v in segmentation.items()}, **{f"depth/{k}": v for k, v in depth.items()}}

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from mtl_plugins.metrics import task_metric
-from mtl_plugins.metrics.dense import (DepthMetric, DenseRegressionMetric, EdgeLossMetric, NormalsMetric,
-                                       SaliencyMetric, SegmentationMetric)
+from mtl_plugins.metrics.dense import (
+    DenseRegressionMetric,
+    DepthMetric,
+    EdgeLossMetric,
+    NormalsMetric,
+    SaliencyMetric,
+    SegmentationMetric,
+)
 from mtl_plugins.tasks import TaskSpec
 
 IGNORE = 255
@@ -170,19 +176,19 @@ def test_segmentation_matches_numpy(empty):
     for _, target in batches:  # class 5 never labelled; predictions may still produce it
         target[target == 5] = IGNORE
     batches = [(logits[:, :5], t) for logits, t in batches]  # and never predicted: an empty class
-    batches = [(torch.cat([l, torch.full_like(l[:, :1], -1e9)], 1), t) for l, t in batches]
+    batches = [(torch.cat([lg, torch.full_like(lg[:, :1], -1e9)], 1), t) for lg, t in batches]
     got = feed(SegmentationMetric(6, empty_class_iou=empty), batches).compute_all()
-    expected = ref_segmentation([l.argmax(1).numpy() for l, _ in batches], [t.numpy() for _, t in batches], 6, empty)
+    expected = ref_segmentation([lg.argmax(1).numpy() for lg, _ in batches], [t.numpy() for _, t in batches], 6, empty)
     assert got == pytest.approx(expected, abs=1e-9)
     if empty == "zero":  # the released convention counts the empty class as IoU 0
-        assert got["miou"] == pytest.approx(ref_segmentation([l.argmax(1).numpy() for l, _ in batches],
+        assert got["miou"] == pytest.approx(ref_segmentation([lg.argmax(1).numpy() for lg, _ in batches],
                                                              [t.numpy() for _, t in batches], 6, "ignore")["miou"] * 5 / 6)
 
 
 def test_segmentation_accepts_class_ids_and_channel_dim_targets():
     batches = seg_batches()
     a = feed(SegmentationMetric(5), batches).compute_all()
-    b = feed(SegmentationMetric(5), [(l.argmax(1), t[:, None].float()) for l, t in batches]).compute_all()
+    b = feed(SegmentationMetric(5), [(lg.argmax(1), t[:, None].float()) for lg, t in batches]).compute_all()
     assert a == b
 
 
@@ -230,16 +236,16 @@ def test_saliency_matches_numpy(channels):
     batches = saliency_batches(channels=channels)
     got = feed(SaliencyMetric(), batches).compute_all()
     if channels == 2:
-        probs = [torch.softmax(l.double(), 1)[:, 1].numpy() for l, _ in batches]
+        probs = [torch.softmax(lg.double(), 1)[:, 1].numpy() for lg, _ in batches]
     else:
-        probs = [torch.sigmoid(l.double())[:, 0].numpy() for l, _ in batches]
+        probs = [torch.sigmoid(lg.double())[:, 0].numpy() for lg, _ in batches]
     assert got == pytest.approx(ref_saliency(probs, [t.numpy() for _, t in batches]), abs=1e-9)
 
 
 def test_edge_loss_matches_numpy():
     batches = edge_batches()
     got = feed(EdgeLossMetric(), batches).compute()
-    assert got == pytest.approx(ref_edge_loss([l.numpy() for l, _ in batches], [t.numpy() for _, t in batches]), rel=1e-10)
+    assert got == pytest.approx(ref_edge_loss([lg.numpy() for lg, _ in batches], [t.numpy() for _, t in batches]), rel=1e-10)
 
 
 def test_regression_l1_and_mse():

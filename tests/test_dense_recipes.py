@@ -6,8 +6,8 @@ import json
 import re
 
 import pytest
-
 from dense_fixtures import write_cityscapes, write_nyud, write_pascal, write_taskonomy
+
 from mtl_plugins.cli import main
 from mtl_plugins.config import list_recipes, load_recipe
 from mtl_plugins.data import available_datasets

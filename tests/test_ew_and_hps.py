@@ -20,7 +20,8 @@ def tiny_model(seed=0):
 
 def batch(seed=1, n=5):
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(n, 3, generator=g), "reg": torch.randn(n, generator=g), "cls": torch.randint(0, 3, (n,), generator=g)}
+    return {"x": torch.randn(n, 3, generator=g), "reg": torch.randn(n, generator=g),
+            "cls": torch.randint(0, 3, (n,), generator=g)}
 
 
 def test_hps_shapes_losses_and_share_params():

@@ -163,7 +163,7 @@ def test_text_quickstart_end_to_end(tmp_path, capsys):
     labels = {t["name"]: t.get("labels") for t in reloaded.config.tasks}
     assert labels["rating"] == list(drug_reviews.RATINGS)
     assert labels["condition"] == list(data.task_specs["condition"].labels) and labels["condition"][-1] == "other"
-    assert f'AutoTokenizer.from_pretrained("path/to/checkpoint")' in (folder / "README.md").read_text()
+    assert 'AutoTokenizer.from_pretrained("path/to/checkpoint")' in (folder / "README.md").read_text()
 
 
 def test_validation_reviews_are_held_out_of_the_train_file():

@@ -7,11 +7,11 @@ import copy
 import datasets
 import pytest
 import torch
+from ddp_worker import ddp_args
 from torch import nn
 from transformers import BertConfig
 
 import mtl_plugins
-from ddp_worker import ddp_args
 from mtl_plugins import runner
 from mtl_plugins.architectures import HPS
 from mtl_plugins.hub import MultiTaskConfig, MultiTaskModel

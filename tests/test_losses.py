@@ -7,8 +7,8 @@ import torch
 
 from mtl_plugins.losses import (
     LOSSES,
-    cross_entropy,
     balanced_bce,
+    cross_entropy,
     depth_l1,
     edge_bce,
     get_loss,

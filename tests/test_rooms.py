@@ -24,7 +24,8 @@ def scene(objects=(), camera=CAMERA, target=None, fov=FOV, height=H, width=W) ->
     f64 = torch.float64
     k = max(len(objects), 1)
     shape = torch.full((1, k), -1, dtype=torch.long)
-    centre, dims, rotation = torch.zeros(1, k, 3, dtype=f64), torch.zeros(1, k, 3, dtype=f64), torch.eye(3, dtype=f64).repeat(1, k, 1, 1)
+    centre, dims = torch.zeros(1, k, 3, dtype=f64), torch.zeros(1, k, 3, dtype=f64)
+    rotation = torch.eye(3, dtype=f64).repeat(1, k, 1, 1)
     for i, (name, c, d, yaw) in enumerate(objects):
         shape[0, i] = SHAPES.index(name)
         centre[0, i], dims[0, i] = torch.tensor(c, dtype=f64), torch.tensor(d, dtype=f64)

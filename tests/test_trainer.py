@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from ddp_worker import SPECS, TASKS, TwoStep, ddp_args, make_strategy, same, setup, vector_data, vector_model
 from torch import nn
 from transformers import TrainerCallback
 
 import mtl_plugins
-from ddp_worker import SPECS, TASKS, TwoStep, ddp_args, make_strategy, same, setup, vector_data, vector_model
 from mtl_plugins.strategies.base import NonFiniteLossError, Strategy, as_updater
 from mtl_plugins.trainers import (
     AcceleratedUpdater,

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
+from scaled_updater import ScaledUpdater
 from torch import nn
 
 import mtl_plugins
 from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies.base import Updater
-from scaled_updater import ScaledUpdater
 
 TASKS = ["a", "b", "c"]
 K = len(TASKS)

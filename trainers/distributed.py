@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-
 #: Largest flattened bucket per collective (DDP's default bucket size); a bigger tensor is its own bucket.
 BUCKET_BYTES = 25 * 2**20
 

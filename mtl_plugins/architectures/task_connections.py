@@ -140,9 +140,9 @@ class TaskScaleShift(TaskConnection):
 
     def __init__(self, tasks: Sequence[str], source: nn.Linear, layer_name: str = ""):
         super().__init__(tasks, source, layer_name)
-        weight = source.weight
-        self.scale = nn.ParameterDict({t: nn.Parameter(torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)) for t in self.tasks})
-        self.shift = nn.ParameterDict({t: nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)) for t in self.tasks})
+        channels = {"size": source.weight.shape[:1], "dtype": source.weight.dtype, "device": source.weight.device}
+        self.scale = nn.ParameterDict({t: nn.Parameter(torch.ones(**channels)) for t in self.tasks})
+        self.shift = nn.ParameterDict({t: nn.Parameter(torch.zeros(**channels)) for t in self.tasks})
 
     def forward(self, x: Tensor) -> Tensor:
         task = self.current_task()

@@ -100,8 +100,9 @@ class SelectiveGroupUpdate(Strategy):
 
     The updater's ``zero_grad`` must set gradients to ``None``: parameters outside the current group
     then receive no gradient and torch optimizers (Adam's momentum and weight decay included) leave
-    them untouched (unless ``freeze_idle_tasks=False``). The extra forward pass of ``measure_last`` runs in the model's current (training)
-    mode, like the others, so it also updates BatchNorm running statistics.
+    them untouched (unless ``freeze_idle_tasks=False``). The extra forward pass of ``measure_last``
+    runs in the model's current (training) mode, like the others, so it also updates BatchNorm
+    running statistics.
     """
 
     #: What :meth:`state_dict` saves besides the base state.

@@ -16,7 +16,17 @@ import numpy as np
 
 from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
-from .layout import channels_last, dataset_root, find_file, limit, read_npy, read_png, read_rgb, read_split, require_dirs
+from .layout import (
+    channels_last,
+    dataset_root,
+    find_file,
+    limit,
+    read_npy,
+    read_png,
+    read_rgb,
+    read_split,
+    require_dirs,
+)
 from .lazy import lazy_dataset
 from .transforms import DenseTransforms, resize
 

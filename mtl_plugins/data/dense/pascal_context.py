@@ -25,8 +25,18 @@ import numpy as np
 
 from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
-from .layout import (DatasetLayoutError, channels_last, dataset_root, find_file, limit, read_mat, read_png, read_rgb,
-                     read_split, require_dirs)
+from .layout import (
+    DatasetLayoutError,
+    channels_last,
+    dataset_root,
+    find_file,
+    limit,
+    read_mat,
+    read_png,
+    read_rgb,
+    read_split,
+    require_dirs,
+)
 from .lazy import lazy_dataset
 from .morphology import label_edges
 from .transforms import DenseTransforms, resize

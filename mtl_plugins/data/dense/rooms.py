@@ -162,7 +162,8 @@ def sample_scenes(count: int, height: int, width: int, rng: np.random.Generator,
         return torch.as_tensor(a, dtype=dtype)
 
     return Scenes(room=t(room), camera_position=t(camera), camera_rotation=look_at(t(camera), t(target), t(roll)),
-                  intrinsics=intrinsics_from_fov(height, width, torch.as_tensor(fov)).to(dtype), light=t(light), ambient=t(ambient),
+                  intrinsics=intrinsics_from_fov(height, width, torch.as_tensor(fov)).to(dtype), light=t(light),
+                  ambient=t(ambient),
                   shape=torch.as_tensor(shape), centre=t(centre), rotation=t(rotation), dims=t(dims),
                   texture=torch.as_tensor(texture), colours=t(colours), frequency=t(frequency), axis=t(axis),
                   phase=t(phase))
