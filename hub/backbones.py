@@ -6,6 +6,7 @@ patch tokens of the requested blocks, reshaped to maps. Text encoders return the
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -33,7 +34,18 @@ def build_backbone(config: PreTrainedConfig, pretrained: str | None = None) -> n
     model_class, kwargs = backbone_class(config)
     if pretrained is None:
         return model_class._from_config(config, **kwargs)
+    if kwargs.get("add_pooling_layer") is False:
+        model_class = without_pooler(model_class)
     return model_class.from_pretrained(resolve_pretrained(pretrained), config=config, use_safetensors=True, **kwargs)
+
+
+@functools.cache
+def without_pooler(model_class: type) -> type:
+    """``model_class`` that expects a checkpoint's pooler weights to be left out (it is built without
+    its pooler), so loading reports nothing about them."""
+    ignored = [*(model_class._keys_to_ignore_on_load_unexpected or []), r"^pooler\."]
+    return type(model_class.__name__, (model_class,), {"_keys_to_ignore_on_load_unexpected": ignored,
+                                                       "__module__": model_class.__module__})
 
 
 def vit_feature_maps(backbone: nn.Module, pixel_values: Tensor, levels: list[int]) -> list[Tensor]:

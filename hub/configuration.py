@@ -11,7 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
 from mtl_plugins.losses import kind_losses
-from mtl_plugins.pretrained import resolve_pretrained
+from mtl_plugins.pretrained import hub_id, resolve_pretrained
 
 from .heads import HEAD_KINDS, HeadKind
 
@@ -167,7 +167,9 @@ class MultiTaskConfig(PreTrainedConfig):
         if config is not None:
             raise TypeError(f"backbone_config must be a transformers config or a dict, got {type(config).__name__}")
         if self.backbone_pretrained is not None:
-            return AutoConfig.from_pretrained(resolve_pretrained(self.backbone_pretrained))
+            config = AutoConfig.from_pretrained(resolve_pretrained(self.backbone_pretrained))
+            config._name_or_path = hub_id(self.backbone_pretrained) or ""  # not the local folder it was read from
+            return config
         return None
 
     def _check_tasks(self, modality: str | None) -> None:

@@ -175,6 +175,7 @@ def trainer_arguments(opts: Mapping[str, Any], output_dir: str | Path, progress:
     if opts.get("optim", "adam") != "adam":
         options["optim"] = opts["optim"]
     options.setdefault("use_cpu", not torch.cuda.is_available())
+    options.setdefault("dataloader_pin_memory", not options["use_cpu"])  # pinned memory helps GPU copies only
     if validation:  # a per-epoch train / validation table unless the recipe sets its own schedule
         options.setdefault("eval_strategy", "epoch")
     options.setdefault("report_to", "none")
@@ -360,6 +361,10 @@ def _publish(staging: Path, out: Path) -> list[str]:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in staging.rglob("*.safetensors"):  # safetensors writes owner-only files (0600)
+        path.chmod(0o666 & ~umask)
     names = sorted(p.name for p in staging.iterdir())
     for name in names:
         (staging / name).replace(out / name)

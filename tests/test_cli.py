@@ -272,3 +272,18 @@ def test_training_evaluates_on_validation_and_scores_test_once(tmp_path, monkeyp
     assert "per epoch (validation split):" in stdout
     assert stdout.split("per epoch (validation split):\n")[1].split()[:4] == ["epoch", "step", "train_loss",
                                                                              "validation_loss"]
+
+
+def test_run_files_have_the_usual_mode_and_cpu_runs_do_not_pin_memory(tmp_path, capsys):
+    import os
+    import warnings
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["quickstart", "strategy=ew", *TINY, "training.max_steps=1", "--baselines", "skip",
+                     "--output-dir", str(out), "--no-progress"]) == 0
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -175,3 +175,41 @@ def test_validation_reviews_are_held_out_of_the_train_file():
     assert build_data("drug_reviews", max_length=16).validation is None
     with pytest.raises(ValueError, match="validation_size must be in 1..599"):
         build_data("drug_reviews", max_length=16, validation_size=600)
+
+
+def test_pretrained_text_backbone_loads_quietly_and_saves_no_local_path(tmp_path):
+    import json
+    import logging
+
+    from transformers import BertModel
+
+    from mtl_plugins.hub import MultiTaskConfig, MultiTaskModel
+
+    class Messages(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.text = ""
+
+        def emit(self, record):
+            self.text += record.getMessage()
+
+    messages = Messages()
+    root = logging.getLogger("transformers")
+    level = root.level
+    root.addHandler(messages)
+    root.setLevel(logging.WARNING)
+    try:
+        BertModel.from_pretrained(resolve_pretrained("packaged:all-MiniLM-L6-v2"), add_pooling_layer=False)
+        assert "LOAD REPORT" in messages.text  # plain transformers reports the pooler weights left out
+        messages.text = ""
+        config = MultiTaskConfig(backbone_pretrained="packaged:all-MiniLM-L6-v2",
+                                 tasks=[{"name": "s", "kind": "sequence_classification", "num_outputs": 2}])
+        model = MultiTaskModel(config)
+        assert "LOAD REPORT" not in messages.text  # the backbone is built without its pooler: expected
+    finally:
+        root.removeHandler(messages)
+        root.setLevel(level)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["backbone_config"]["_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "site-packages" not in (tmp_path / "config.json").read_text()
