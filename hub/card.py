@@ -87,6 +87,7 @@ def build_model_card(
     datasets: Sequence[str] | None = None,
     task_groups: Sequence[Sequence[str]] | None = None,
     priority_stats: Mapping[str, Any] | None = None,
+    loss_scaling: Mapping[str, Any] | None = None,
     base_model: str | None = None,
     license: str | None = None,
     tokenizer_included: bool = False,
@@ -96,6 +97,8 @@ def build_model_card(
     ``metrics`` maps ``"<task>/<metric>"`` to a value (as ``mtl-train`` reports them); ``base_model``
     defaults to the Hub id of ``config.backbone_pretrained`` when it names one.
     ``tokenizer_included``: the repository holds the tokenizer (the usage snippet loads it from there).
+    ``loss_scaling``: the loss weighting composed with ``method`` (``name``, ``options`` and its latest
+    ``weights``, as ``Strategy.card_fields()`` reports it).
     """
     tasks = config.task_names
     metrics = dict(metrics or {})
@@ -112,6 +115,7 @@ def build_model_card(
         "mtl_tasks": task_rows,
         "mtl_method": method,
         "mtl_method_settings": dict(method_settings or {}) or None,
+        "mtl_loss_scaling": dict(loss_scaling) if loss_scaling is not None else None,
         "mtl_task_connections": {"mode": connection_mode(config)} if connection_mode(config) else None,
         "mtl_metrics": metrics or None,
         "mtl_delta_m": delta_m,
@@ -123,7 +127,8 @@ def build_model_card(
         license=license,
         base_model=base_model,
         datasets=list(datasets) if datasets else None,
-        tags=["mtl-plugins", "multi-task-learning", *([method] if method else [])],
+        tags=["mtl-plugins", "multi-task-learning", *([method] if method else []),
+              *([loss_scaling["name"]] if loss_scaling is not None else [])],
         **{k: v for k, v in extra.items() if v is not None},
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(config, repo_id, extra, base_model, datasets,
@@ -146,6 +151,13 @@ def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model
         parts += ["## Training method", f"Strategy: `{extra['mtl_method']}`."]
         if extra["mtl_method_settings"]:
             parts.append(_table(["setting", "value"], sorted(extra["mtl_method_settings"].items())))
+    if extra.get("mtl_loss_scaling"):
+        scaling = extra["mtl_loss_scaling"]
+        parts += ["## Loss scaling", f"The task losses were weighted by `{scaling['name']}` before "
+                  f"`{extra['mtl_method'] or 'the method'}` used them" + (f" (options {scaling['options']})."
+                                                                          if scaling.get("options") else ".")]
+        if scaling.get("weights"):
+            parts.append(_table(["task", "final weight"], list(scaling["weights"].items())))
     if extra["mtl_metrics"] or extra["mtl_delta_m"] is not None:
         parts.append("## Results")
         if extra["mtl_metrics"]:

@@ -208,6 +208,10 @@ def check_recipe_types(recipe: Mapping[str, Any], strategy: bool = True) -> None
     available_strategies()
     name = STRATEGIES.resolve(section.get("name", "ew"))
     named, _ = builder_options(STRATEGIES.get(name).__init__, 2)  # self, tasks
+    if getattr(STRATEGIES.get(name), "accepts_loss_scaling", False):
+        from .strategies.base import LossScalingSpec
+
+        named["loss_scaling"] = LossScalingSpec
     named = {k: a for k, a in named.items() if k != "model"}  # given by the runner, not the recipe
     check_values("strategy.options", section.get("options", {}), named, f"strategy {name!r}")
 

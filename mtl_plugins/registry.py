@@ -20,6 +20,8 @@ T = TypeVar("T")
 
 #: Options a plugin receives from the caller's context rather than from the user's recipe.
 CONTEXT_OPTIONS = ("model",)
+#: The option that composes a loss weighting with an update method (``Strategy.set_loss_scaling``).
+LOSS_SCALING = "loss_scaling"
 
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
@@ -130,8 +132,15 @@ class Registry:
         return params[skip:]
 
     def accepted_options(self, name: str) -> dict[str, inspect.Parameter]:
-        """The keyword options of a plugin, from its signature."""
-        return {p.name: p for p in self._parameters(name) if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        """The keyword options of a plugin, from its signature (plus ``loss_scaling`` for strategies
+        with ``accepts_loss_scaling``)."""
+        options = {p.name: p for p in self._parameters(name) if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if getattr(self.get(name), "accepts_loss_scaling", False):
+            from .strategies.base import LossScalingSpec
+
+            options[LOSS_SCALING] = inspect.Parameter(LOSS_SCALING, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                                      annotation=LossScalingSpec)
+        return options
 
     def check_options(self, name: str, options: dict[str, Any]) -> None:
         """Raise ``TypeError`` naming the bad option and the accepted ones."""
@@ -160,7 +169,12 @@ class Registry:
         if self.arguments[:1] == ("tasks",):
             args = (check_tasks(args[0]), *args[1:])
         self.check_options(name, options)
-        return self.get(name)(*args, **options)
+        plugin = self.get(name)
+        scaling = options.pop(LOSS_SCALING, None) if getattr(plugin, "accepts_loss_scaling", False) else None
+        built = plugin(*args, **options)
+        if scaling is not None:
+            built.set_loss_scaling(scaling)
+        return built
 
 
 STRATEGIES = Registry("strategy")

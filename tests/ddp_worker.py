@@ -33,7 +33,11 @@ ARCHITECTURE_FOR = {"conn_strength": "task_connections"}
 VARIANTS = {"conn_strength_phase2": ("conn_strength", {"schedule": "phase2"}),
             "pcgrad_batched": ("pcgrad", {"jacobian": "batched"}),
             "mgda_rep_grad": ("mgda", {"rep_grad": True}),
-            "graddrop_rep_grad": ("graddrop", {"rep_grad": True})}
+            "graddrop_rep_grad": ("graddrop", {"rep_grad": True}),
+            # composed with a loss weighting (the loss_scaling option)
+            "sel_update+uw": ("sel_update", {"loss_scaling": {"name": "uw", "options": {"lr": 0.05}}}),
+            "pcgrad+dwa": ("pcgrad", {"loss_scaling": {"name": "dwa", "options": {"steps_per_epoch": 1}}}),
+            "conn_strength+famo": ("conn_strength", {"loss_scaling": "famo"})}
 #: The strategies written in this file.
 LOCAL = ("two_step", "measure_last", "per_task")
 

@@ -24,7 +24,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 #: With rep_grad the weights come from the representation gradients of the whole batch.
 AGGREGATORS = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop", "cagrad", "nash_mtl",
                "gradnorm", "pcgrad_batched", "mgda_rep_grad", "graddrop_rep_grad"]
-EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update", *AGGREGATORS]
+EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update", *AGGREGATORS,
+         "sel_update+uw", "pcgrad+dwa"]  # composed with a loss weighting
 #: Need BatchNorm connections (batch statistics differ per process): ranks identical only.
 RANKS_ONLY = ["conn_strength", "conn_strength_phase2"]
 NAMES = EXACT + RANKS_ONLY

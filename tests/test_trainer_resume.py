@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ddp_worker import ARCHITECTURE_FOR, ddp_args, make_strategy, same, setup, vector_model
+from ddp_worker import ARCHITECTURE_FOR, VARIANTS, ddp_args, make_strategy, same, setup, vector_model
 
 import mtl_plugins
 from mtl_plugins.trainers import STRATEGY_STATE_NAME, MultiTaskTrainer
 
 #: Resumed in the quick run: the test strategy, the baseline and the strategies with the most state.
-QUICK = ["ew", "two_step", "famo", "uw", "dwa", "rlw", "gradnorm", "sel_update", "conn_strength"]
-EVERY = ["two_step", *mtl_plugins.available_strategies()]
+QUICK = ["ew", "two_step", "famo", "uw", "dwa", "rlw", "gradnorm", "sel_update", "conn_strength", "sel_update+uw"]
+EVERY = ["two_step", *mtl_plugins.available_strategies(), "sel_update+uw", "pcgrad+dwa", "conn_strength+famo"]
 RESUMED = [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in EVERY]
 
 
 def build(name: str, output_dir, steps: int = 6):
     model, data, tasks = setup(name)
-    if name not in ARCHITECTURE_FOR:
+    if VARIANTS.get(name, (name,))[0] not in ARCHITECTURE_FOR:
         model = vector_model(dropout=0.3)  # dropout: the resumed run must restore the torch RNG too
     args = ddp_args(str(output_dir), 8, steps, optim="adamw_torch", learning_rate=0.01, lr_scheduler_type="linear",
                     save_strategy="steps", save_steps=steps // 2, progress_unit="step")
@@ -32,7 +32,7 @@ def test_resumed_run_continues_exactly(tmp_path, name):
     checkpoint = tmp_path / "checkpoint-3"
     assert (checkpoint / STRATEGY_STATE_NAME).is_file() and (tmp_path / "checkpoint-6" / STRATEGY_STATE_NAME).is_file()
     saved = torch.load(checkpoint / STRATEGY_STATE_NAME, weights_only=True)
-    assert saved["strategy"] == straight.strategy.name and saved["state"]["num_steps"] > 0
+    assert saved["strategy"] == straight.strategy.label and saved["state"]["num_steps"] > 0
 
     resumed = build(name, tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(checkpoint))

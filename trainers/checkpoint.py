@@ -16,7 +16,7 @@ STRATEGY_STATE_NAME = "strategy_state.pt"
 def _serialised_state(strategy: Strategy) -> bytes:
     """``strategy.state_dict()`` (with its name and tasks) as ``torch.save`` bytes, checked to load
     back with ``weights_only=True``."""
-    payload = {"strategy": strategy.name, "tasks": list(strategy.tasks), "state": strategy.state_dict()}
+    payload = {"strategy": strategy.label, "tasks": list(strategy.tasks), "state": strategy.state_dict()}
     buffer = io.BytesIO()
     try:
         torch.save(payload, buffer)
@@ -24,7 +24,7 @@ def _serialised_state(strategy: Strategy) -> bytes:
         torch.load(buffer, weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the reason
         raise TypeError(
-            f"strategy {strategy.name!r} state cannot be checkpointed safely (only tensors, numbers, strings, "
+            f"strategy {strategy.label!r} state cannot be checkpointed safely (only tensors, numbers, strings, "
             f"lists, tuples and dicts are allowed): {error}"
         ) from error
     return buffer.getvalue()
@@ -56,9 +56,9 @@ def load_strategy_state(strategy: Strategy, folder: str | os.PathLike) -> None:
             "so the strategy state cannot be restored"
         )
     payload = torch.load(path, weights_only=True)
-    if payload["strategy"] != strategy.name or list(payload["tasks"]) != list(strategy.tasks):
+    if payload["strategy"] != strategy.label or list(payload["tasks"]) != list(strategy.tasks):
         raise ValueError(
             f"checkpoint {str(folder)!r} holds the state of strategy {payload['strategy']!r} for tasks "
-            f"{payload['tasks']}, but this trainer runs {strategy.name!r} for tasks {strategy.tasks}"
+            f"{payload['tasks']}, but this trainer runs {strategy.label!r} for tasks {strategy.tasks}"
         )
     strategy.load_state_dict(payload["state"])

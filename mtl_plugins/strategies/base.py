@@ -12,12 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .loss_scaling import LossScaling
+
 Closure = Callable[..., Mapping[str, Tensor]]
+#: A ``loss_scaling`` option: a loss weighting's name, ``{"name": ..., "options": {...}}``, or None
+#: (see :mod:`~mtl_plugins.strategies.loss_scaling`).
+LossScalingSpec = str | dict[str, Any] | None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -116,6 +122,10 @@ class Strategy:
     Subclasses implement :meth:`step`. :meth:`state_dict` holds the step counter, the progress and
     the strategy's RNG; subclasses with more state extend it (``{**super().state_dict(), ...}``) and
     :meth:`load_state_dict` (calling ``super().load_state_dict(state)`` first).
+
+    An update method with ``accepts_loss_scaling`` (a loss weighting can be composed with it, see
+    :mod:`~mtl_plugins.strategies.loss_scaling`) brackets its ``step`` with :meth:`begin_batch` /
+    :meth:`end_batch` and weights each task's loss by :attr:`task_weights`.
     """
 
     name: str = "strategy"
@@ -128,6 +138,8 @@ class Strategy:
     #: True when the update is exact under gradient accumulation: one backward of a loss with static
     #: weights and no state updated per batch (trainers refuse accumulation for every other strategy).
     supports_accumulation: bool = False
+    #: True for update methods that take the ``loss_scaling`` option (:meth:`set_loss_scaling`).
+    accepts_loss_scaling: bool = False
 
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         self.tasks = list(tasks)
@@ -140,6 +152,44 @@ class Strategy:
         self.generator = torch.Generator().manual_seed(seed)
         self.num_steps = 0
         self.progress = 0.0
+        #: The loss weighting composed with this update method (:meth:`set_loss_scaling`), or None.
+        self.loss_scaling: LossScaling | None = None
+
+    def set_loss_scaling(self, spec: LossScalingSpec) -> None:
+        """Compose a loss weighting with this update method (the ``loss_scaling`` option, which
+        ``build_strategy`` applies); only before the first step."""
+        if not self.accepts_loss_scaling:
+            raise TypeError(f"strategy {self.name!r} takes no loss_scaling: it is not an update method that "
+                            "uses per-task losses (sel_update, conn_strength, the gradient aggregators)")
+        if self.num_steps:
+            raise RuntimeError(f"{self.name}: set the loss scaling before the first step")
+        from .loss_scaling import LossScaling
+
+        self.loss_scaling = None if spec is None else LossScaling(spec, self.tasks, self.loss_weights, self.seed)
+        # the weighting's learned state moves only when the batch's steps were applied
+        self.needs_step_outcome = type(self).needs_step_outcome or (
+            self.loss_scaling is not None and self.loss_scaling.needs_step_outcome)
+        self.supports_accumulation = type(self).supports_accumulation and self.loss_scaling is None
+
+    @property
+    def label(self) -> str:
+        """The strategy's name, ``METHOD+WEIGHTING`` (e.g. ``conn_strength+uw``) with a loss scaling."""
+        return self.name if self.loss_scaling is None else f"{self.name}+{self.loss_scaling.name}"
+
+    @property
+    def task_weights(self) -> Mapping[str, float]:
+        """Each task's loss weight in the current batch's update: the static ``loss_weights``, times the
+        loss scaling's weights (set at the batch's first forward pass) when there is one."""
+        return self.loss_weights if self.loss_scaling is None else self.loss_scaling.task_weights
+
+    def begin_batch(self, closure: Closure, updater: Updater) -> tuple[Closure, Updater]:
+        """The closure and updater a composed method uses for this batch (unchanged without loss scaling)."""
+        return (closure, updater) if self.loss_scaling is None else self.loss_scaling.begin(closure, updater)
+
+    def end_batch(self) -> None:
+        """After the batch's last step: the loss scaling's learned state (nothing without one)."""
+        if self.loss_scaling is not None:
+            self.loss_scaling.end()
 
     # -- protocol -------------------------------------------------------------------------
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
@@ -151,15 +201,19 @@ class Strategy:
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress must be in [0, 1], got {progress}")
         self.progress = float(progress)
+        if self.loss_scaling is not None:
+            self.loss_scaling.set_progress(progress, epoch)
 
     def weighted_loss(self, losses: Mapping[str, Tensor], tasks: Iterable[str] | None = None) -> Tensor:
-        """Sum of ``w_t * L_t`` over ``tasks`` (all tasks by default)."""
+        """Sum of ``w_t * L_t`` over ``tasks`` (all tasks by default), ``w`` = :attr:`task_weights`."""
         chosen = list(self.tasks if tasks is None else tasks)
-        return sum(self.loss_weights[t] * losses[t] for t in chosen)  # type: ignore[return-value]
+        weights = self.task_weights
+        return sum(weights[t] * losses[t] for t in chosen)  # type: ignore[return-value]
 
     def log_metrics(self) -> dict[str, float]:
-        """Scalars describing the strategy's current state, for trainer logs."""
-        return {}
+        """Scalars describing the strategy's current state, for trainer logs (subclasses extend
+        ``super().log_metrics()``, which holds the loss scaling's ``loss_scaling/...`` entries)."""
+        return {} if self.loss_scaling is None else self.loss_scaling.log_metrics()
 
     def summarize_log(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """The few of ``log_metrics()``'s scalars that trainer logs carry by default (the console,
@@ -172,8 +226,9 @@ class Strategy:
 
     def card_fields(self) -> dict[str, Any]:
         """What a model card reports of the strategy's learned state (e.g. ``task_groups``,
-        ``priority_stats``); plain JSON values. Default: nothing."""
-        return {}
+        ``priority_stats``); plain JSON values. Default: the loss scaling (name, options, latest
+        weights) when there is one; subclasses extend ``super().card_fields()``."""
+        return {} if self.loss_scaling is None else {"loss_scaling": self.loss_scaling.card()}
 
     def write_plots(self, out_dir: str | Path) -> list[Path]:
         """Write PNG plots of the strategy's state over training; returns the files written."""
@@ -182,7 +237,10 @@ class Strategy:
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to resume exactly (copies, not references)."""
-        return {"num_steps": self.num_steps, "progress": self.progress, "rng_state": self.generator.get_state()}
+        state = {"num_steps": self.num_steps, "progress": self.progress, "rng_state": self.generator.get_state()}
+        if self.loss_scaling is not None:
+            state["loss_scaling"] = self.loss_scaling.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; raises ``KeyError`` naming missing entries before changing anything."""
@@ -192,9 +250,12 @@ class Strategy:
         self.num_steps = int(state["num_steps"])
         self.generator.set_state(state["rng_state"])
         self.progress = float(state.get("progress", 0.0))
+        if self.loss_scaling is not None:
+            self.loss_scaling.load_state_dict(state["loss_scaling"])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(tasks={self.tasks})"
+        scaling = "" if self.loss_scaling is None else f", loss_scaling={self.loss_scaling.name!r}"
+        return f"{type(self).__name__}(tasks={self.tasks}{scaling})"
 
 
 class WeightingStrategy(Strategy):

@@ -102,6 +102,7 @@ class ConnectionStrength(Strategy):
 
     needs_task_forward = True
     needs_task_connections = True
+    accepts_loss_scaling = True
     #: What :meth:`state_dict` saves besides the base state.
     _state_names = ("last_phase", "phase_counts", "timeline", "epoch", "drawn_epoch", "epoch_phase")
 
@@ -156,7 +157,7 @@ class ConnectionStrength(Strategy):
     # -- schedule ------------------------------------------------------------------------------
     def set_progress(self, progress: float, epoch: int | None = None) -> None:
         """Training progress in [0, 1] and, optionally, the current 0-based epoch (for ``draw="epoch"``)."""
-        super().set_progress(progress)
+        super().set_progress(progress, epoch)
         if epoch is not None:
             if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
                 raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
@@ -191,9 +192,10 @@ class ConnectionStrength(Strategy):
 
     # -- update ----------------------------------------------------------------------------------
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
-        updater = as_updater(optimizer)
+        closure, updater = self.begin_batch(closure, as_updater(optimizer))
         phase = self.choose_phase(updater)
         values = self._phase1(closure, updater) if phase == 1 else self._phase2(closure, updater)
+        self.end_batch()
         self.num_steps += 1
         self.phase_counts[phase - 1] += 1
         return dict(zip(self.tasks, values))
@@ -212,7 +214,7 @@ class ConnectionStrength(Strategy):
             updater.zero_grad()
             loss = self._task_loss(closure, task)
             losses[task] = loss.detach()
-            updater.backward(self.loss_weights[task] * loss)
+            updater.backward(self.task_weights[task] * loss)
             updater.step(final=k == len(self.tasks) - 1)
         return losses_to_floats(losses, self.tasks)
 
@@ -226,7 +228,7 @@ class ConnectionStrength(Strategy):
         for k, task in enumerate(self.tasks):
             loss = self._task_loss(closure, task)
             losses[task] = loss.detach()
-            updater.backward(self.loss_weights[task] * loss)
+            updater.backward(self.task_weights[task] * loss)
             for i, layer in enumerate(self.layers):
                 grad = layer.weight.grad
                 if grad is None:
@@ -284,7 +286,7 @@ class ConnectionStrength(Strategy):
         """Phase, Phase-2 fraction and priority shares (overall and per layer); recorded in ``timeline``."""
         shares = self.priority()
         self._record(shares)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = super().log_metrics()
         if self.last_phase is not None:
             metrics["phase"] = float(self.last_phase)
             metrics["phase2_fraction"] = self.phase_counts[1] / max(1, sum(self.phase_counts))
@@ -301,7 +303,7 @@ class ConnectionStrength(Strategy):
 
     def card_fields(self) -> dict[str, Any]:
         """``priority_stats``: per connected layer, the share of channels each task has top priority on."""
-        return {"priority_stats": self.priority()}
+        return {**super().card_fields(), "priority_stats": self.priority()}
 
     def write_plots(self, out_dir: str | Path) -> list[Path]:
         """``conn_strength_priority.png``: priority shares over training and per layer at the end."""

@@ -5,6 +5,11 @@ proximal inter-task affinity ``A`` (row = source task whose group was updated, c
 whose loss was measured), an EMA of how much each group step lowered every task's loss on the
 batch, clustered by affinity propagation (:mod:`mtl_plugins.grouping`).
 
+With ``loss_scaling`` (:mod:`~mtl_plugins.strategies.loss_scaling`) a group's loss is
+``sum_t lambda_t w_t L_t`` with the batch's weights ``lambda``; the affinity is still measured on the
+per-task losses ``L_t`` (``lambda`` and ``w`` are constant within a batch, so ``1 - L'_t / L_t`` does
+not change with them).
+
 Non-finite losses: the batch's losses are read once, at its end; if any is NaN or infinite,
 :class:`NonFiniteLossError` is raised before the affinity, groups, history or counters change (the
 batch's optimizer steps have already been applied, so training must resume from a checkpoint).
@@ -105,6 +110,7 @@ class SelectiveGroupUpdate(Strategy):
     running statistics.
     """
 
+    accepts_loss_scaling = True
     #: What :meth:`state_dict` saves besides the base state.
     _state_names = ("affinity", "groups", "history", "group_count_changes", "clustering_failures", "grouping_note",
                     "last_loss_decrease", "gradient_seen")
@@ -178,7 +184,7 @@ class SelectiveGroupUpdate(Strategy):
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
         """One batch: a forward pass and an optimizer step per group, in a random group order, then
         the affinity update from the losses read once. Returns the losses of the first forward pass."""
-        updater = as_updater(optimizer)
+        closure, updater = self.begin_batch(closure, as_updater(optimizer))
         step = self.num_steps
         # The first forward pass does not depend on the groups; on an accelerator it runs while the
         # host clusters.
@@ -217,6 +223,7 @@ class SelectiveGroupUpdate(Strategy):
         for before, after, group in self._measurements(rows, order, applied):
             update_affinity(self.affinity, before, after, [index[t] for t in group], self.affinity_decay)
         self._commit(step, groups, order, rows, applied, grouping)
+        self.end_batch()
         return dict(zip(self.tasks, rows[0]))
 
     def _choose_groups(self, warmup: bool) -> Grouping:
@@ -288,7 +295,7 @@ class SelectiveGroupUpdate(Strategy):
     # -- reporting ------------------------------------------------------------------------------
     def log_metrics(self) -> dict[str, float]:
         """Number of groups, each task's group index, the affinity entries and the loss decreases."""
-        metrics: dict[str, float] = {"num_groups": float(len(self.groups)),
+        metrics: dict[str, float] = {**super().log_metrics(), "num_groups": float(len(self.groups)),
                                      "clustering_failures": float(self.clustering_failures)}
         for i, group in enumerate(self.groups):
             for t in group:
@@ -326,7 +333,7 @@ class SelectiveGroupUpdate(Strategy):
 
     def card_fields(self) -> dict[str, Any]:
         """``task_groups``: the latest batch's groups."""
-        return {"task_groups": [list(g) for g in self.groups]}
+        return {**super().card_fields(), "task_groups": [list(g) for g in self.groups]}
 
     def write_plots(self, out_dir: str | Path) -> list[Path]:
         """``sel_update_affinity.png`` (heatmap) and ``sel_update_num_groups.png`` (timeline)."""

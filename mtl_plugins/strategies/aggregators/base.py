@@ -47,6 +47,7 @@ class GradientAggregation(Strategy):
     """
 
     needs_task_forward = True
+    accepts_loss_scaling = True
 
     def __init__(
         self, tasks: Sequence[str], *, model: nn.Module | None = None,
@@ -91,19 +92,19 @@ class GradientAggregation(Strategy):
         return torch.tensordot(weights.to(per_sample), per_sample, dims=1)
 
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
-        updater = as_updater(optimizer)
+        closure, updater = self.begin_batch(closure, as_updater(optimizer))
         shared, specific = split_model_parameters(self.model, self.name)
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         one_forward = shares_encoder_forward(self.model)
         if self.rep_grad:
-            grads = representation_gradients(closure, updater, self.tasks, self.loss_weights,
+            grads = representation_gradients(closure, updater, self.tasks, self.task_weights,
                                              shared_encoder(self.model, self.name), specific)
         else:
             batched = self.batched(shared[0].device)
             if batched and not one_forward:
                 raise ValueError(f"{self.name}: jacobian='batched' needs one forward pass shared by every task; "
                                  "the model has task-specific connections")
-            grads = task_gradients(closure, updater, self.tasks, self.loss_weights, shared, specific,
+            grads = task_gradients(closure, updater, self.tasks, self.task_weights, shared, specific,
                                    one_forward=one_forward, batched=batched)
         host = grads.read(self.tasks)  # the step's one host read
         rows = grads.per_sample if self.rep_grad else grads.jacobian
@@ -123,13 +124,15 @@ class GradientAggregation(Strategy):
         else:
             write_gradients(shared, direction, specific, grads.specific, scale)
         updater.step(final=True)
+        self.end_batch()
         self.num_steps += 1
         return dict(zip(self.tasks, host.losses))
 
     def log_metrics(self) -> dict[str, float]:
-        if self.last_weights is None:
-            return {}
-        return {f"weight/{t}": float(w) for t, w in zip(self.tasks, self.last_weights)}
+        metrics = super().log_metrics()
+        if self.last_weights is not None:
+            metrics.update({f"weight/{t}": float(w) for t, w in zip(self.tasks, self.last_weights)})
+        return metrics
 
 
 class TorchJDWeighting(GradientAggregation):
