@@ -138,12 +138,13 @@ def weighted_losses(model: nn.Module, batch, tasks=TASKS) -> tuple[list[float], 
 
 
 # -- an aggregator ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("jacobian", ["loop", "batched"])
 @pytest.mark.parametrize("weighting", ["uw", "gls"])
-def test_pcgrad_with_loss_scaling_equals_the_step_by_step_reference(weighting):
+def test_pcgrad_with_loss_scaling_equals_the_step_by_step_reference(weighting, jacobian):
     tasks = ["a", "b"]  # two tasks: PCGrad's projection does not depend on its random order
     model, data = mlp(tasks), batches(3, tasks=tasks)
     reference = copy.deepcopy(model)
-    strategy = build("pcgrad", model, tasks, loss_scaling=scaling(weighting))
+    strategy = build("pcgrad", model, tasks, jacobian=jacobian, loss_scaling=scaling(weighting))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     ref_weighting = reference_weighting(weighting, len(tasks))
     params = dict(reference.named_parameters())
@@ -185,7 +186,7 @@ def test_sel_update_group_steps_use_the_scaled_losses_and_the_weighting_moves_on
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     ref_weighting = ReferenceUW(len(TASKS), LR)
     params = dict(reference.named_parameters())
-    for i, batch in enumerate(data):
+    for batch in data:
         strategy.step(make_closure(model, batch), optimizer)
         record = strategy.history[-1]
         assert len(record["order"]) == len(TASKS)  # warm-up: one group step per task
@@ -375,8 +376,9 @@ def test_card_log_and_state_name_both_parts():
 
 
 def test_model_card_names_the_method_and_the_loss_scaling():
-    from mtl_plugins.hub.card import build_model_card
     from test_hub_card import text_config
+
+    from mtl_plugins.hub.card import build_model_card
 
     card = build_model_card(text_config(), method="conn_strength",
                             loss_scaling={"name": "uw", "options": {"lr": 0.01}, "weights": {"a": 0.4}})
@@ -413,10 +415,10 @@ def test_resume_restores_both_states():
 
 def test_recipe_and_trainer_options(tmp_path):
     from ddp_worker import ddp_args, vector_data, vector_model
-    from mtl_plugins.trainers import MultiTaskTrainer
 
     from mtl_plugins.config import load_recipe
     from mtl_plugins.recipe_checks import check_recipe_types
+    from mtl_plugins.trainers import MultiTaskTrainer
 
     recipe = load_recipe("quickstart")
     recipe["strategy"] = {"name": "conn_strength", "options": {"loss_scaling": {"name": "uw"}}}
