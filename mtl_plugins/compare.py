@@ -3,8 +3,10 @@
 Runs the recipe once per strategy (same data, model, training options and seed) through
 :func:`mtl_plugins.runner.run_recipe` and prints, per strategy, each task's test metric, Delta_m
 against the single-task baselines, and the training time per batch. A strategy is given as
-``name`` or ``name:key=value,key=value`` (values are YAML). Every name and option is checked before
-anything trains. The table is also written to ``comparison.md`` and ``comparison.json``.
+``name`` or ``name:key=value,key=value`` (values are YAML); ``METHOD+WEIGHTING``
+(``conn_strength+uw``) composes an update method with a loss weighting (its ``loss_scaling``
+option). Every name and option is checked before anything trains. The table is also written to
+``comparison.md`` and ``comparison.json``.
 """
 
 from __future__ import annotations
@@ -23,20 +25,25 @@ from . import available_strategies, build_strategy
 from .config import apply_overrides, check_recipe, list_recipes, load_recipe
 from .recipe_checks import check_recipe_types
 from .registry import ARCHITECTURES, STRATEGIES
+from .strategies.loss_scaling import LossScaling, split_label
 
 DEFAULT_STRATEGIES = ("ew", "uw", "dwa", "pcgrad", "mgda", "cagrad", "imtl", "nash_mtl")
 
 
 def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"cagrad:c=0.5,rescale=0"`` -> ``("cagrad", {"c": 0.5, "rescale": 0})``."""
-    name, _, rest = spec.partition(":")
-    if not name:
+    """``"cagrad:c=0.5,rescale=0"`` -> ``("cagrad", {"c": 0.5, "rescale": 0})``; an update method
+    composed with a loss weighting is ``METHOD+WEIGHTING``: ``"conn_strength+uw:schedule=phase2"`` ->
+    ``("conn_strength", {"loss_scaling": "uw", "schedule": "phase2"})``."""
+    label, _, rest = spec.partition(":")
+    if not label:
         raise ValueError(f"strategy {spec!r} has no name; write name or name:key=value,...")
-    options: dict[str, Any] = {}
+    name, options = split_label(label)
     for item in filter(None, rest.split(",")):
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"strategy {spec!r}: option {item!r} is not of the form key=value")
+        if key in options:
+            raise ValueError(f"strategy {spec!r}: {key} is given twice (by {label!r} and as an option)")
         options[key] = yaml.safe_load(raw)
     return name, options
 
@@ -65,6 +72,8 @@ def prepare(recipe: Mapping[str, Any], specs: Sequence[str]) -> list[tuple[str, 
         STRATEGIES.check_options(canonical, options)
         run = {**recipe, "strategy": {"name": canonical, "options": options}}
         if STRATEGIES.get(canonical).needs_task_connections:
+            if options.get("loss_scaling") is not None:  # the weighting's name and options, checked now
+                LossScaling(options["loss_scaling"], tasks or ["task"], dict.fromkeys(tasks or ["task"], 1.0))
             # conn_strength runs on the recipe's model with task-specific connections
             model = dict(recipe.get("model") or {})
             converts = "model" in ARCHITECTURES.accepted_options(ARCHITECTURES.resolve(model.get("architecture", "hps")))
@@ -93,7 +102,7 @@ def run_all(runs: Sequence[tuple[str, Mapping[str, Any]]], output_dir: str | Pat
     mode = baselines or runs[0][1].get("baselines", "cache")
     rows, reference = [], None
     for i, (label, run) in enumerate(runs):
-        folder = out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+        folder = out / re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label)
         # single-task baselines are trained at most once: later runs read them from the cache
         summary = run_recipe(run, output_dir=folder, baselines=mode if i == 0 or mode != "train" else "cache",
                              progress=progress)
@@ -165,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", nargs="?", help="bundled recipe name or path to a YAML recipe")
     parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted key=value (values are YAML)")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                        help=f"strategies as name or name:key=value,... (default: {' '.join(DEFAULT_STRATEGIES)}); "
+                        help="strategies as name, name:key=value,... or METHOD+WEIGHTING (e.g. conn_strength+uw) "
+                             f"(default: {' '.join(DEFAULT_STRATEGIES)}); "
                              "the recipe and key=value overrides may also come after them")
     parser.add_argument("--output-dir", default="runs/compare", help="folder for every run and the table")
     parser.add_argument("--baselines", choices=("cache", "train", "skip"),

@@ -219,7 +219,7 @@ def fit(recipe: Mapping[str, Any], progress: bool = True, log_path: Path | None 
     recorder.details = lambda: trainer.last_strategy_log  # the log file keeps every strategy scalar
     if progress:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LossProgress(label or f"multi-task ({trainer.strategy.name})"))
+        trainer.add_callback(LossProgress(label or f"multi-task ({trainer.strategy.label})"))
     else:
         trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -413,7 +413,7 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
     data, metrics = result["data"], result["metrics"]
     tasks = data.tasks
     summary: dict[str, Any] = {
-        "strategy": result["strategy"].name,
+        "strategy": result["strategy"].label,
         "tasks": tasks,
         "steps": result["steps"],
         "train_seconds": round(result["train_seconds"], 2),

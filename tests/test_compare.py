@@ -42,6 +42,25 @@ def test_prepare_checks_every_strategy_before_training():
     assert runs["CAGrad:c=0.5"]["strategy"] == {"name": "cagrad", "options": {"c": 0.5}}
 
 
+def test_composed_strategies_are_method_plus_weighting():
+    assert compare.parse_strategy("conn_strength+uw:schedule=phase2") == (
+        "conn_strength", {"loss_scaling": "uw", "schedule": "phase2"})
+    with pytest.raises(ValueError, match="write METHOD\\+WEIGHTING"):
+        compare.parse_strategy("pcgrad+")
+    with pytest.raises(ValueError, match="loss_scaling is given twice"):
+        compare.parse_strategy("pcgrad+uw:loss_scaling=dwa")
+    runs = dict(compare.prepare(load_recipe("quickstart"), ["pcgrad+dwa", "conn_strength+uw", "sel_update+UW"]))
+    assert runs["pcgrad+dwa"]["strategy"] == {"name": "pcgrad", "options": {"loss_scaling": "dwa"}}
+    assert runs["conn_strength+uw"]["model"]["architecture"] == "task_connections"
+    assert runs["sel_update+UW"]["strategy"] == {"name": "sel_update", "options": {"loss_scaling": "UW"}}
+    with pytest.raises(ValueError, match="loss_scaling 'gradnorm' cannot scale"):
+        compare.prepare(small_recipe(), ["pcgrad+gradnorm"])
+    with pytest.raises(TypeError, match="strategy 'dwa' has no option 'loss_scaling'"):
+        compare.prepare(small_recipe(), ["dwa+uw"])
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        compare.prepare(small_recipe(), ["conn_strength+nope"])
+
+
 def test_missing_extra_stops_before_any_training(monkeypatch, tmp_path, capsys):
     for module in [m for m in sys.modules if m == "torchjd" or m.startswith("torchjd.")]:
         monkeypatch.setitem(sys.modules, module, None)
