@@ -48,7 +48,7 @@ class Settings:
 
 
 TEXT_NOTE = ("Subset: fine-tuning MiniLM takes minutes per run on a CPU, so the text recipe runs with reviews "
-             "truncated to 64 tokens (the recipe uses 128), for `ew`, `sel_update` (warm-up 20 batches) and the "
+             "truncated to 64 tokens (the recipe uses 96), for `ew`, `sel_update` (warm-up 20 batches) and the "
              "loss weighting `uw` only, every seed compared with the single-task baselines of the first seed.")
 
 
