@@ -1,8 +1,9 @@
 """Hub-ready multi-task models: ``MultiTaskConfig`` and ``MultiTaskModel``.
 
 Importing this module registers them with ``AutoConfig`` and ``AutoModel`` (model type
-``mtl_multitask``). Plain ``import mtl_plugins`` is enough for ``AutoConfig``/``AutoModel.from_pretrained``
-to load saved multi-task checkpoints, whether transformers is imported before or after it: it registers
+``mtl_multitask``) and registers the recipe model ``hub_multitask`` (``mtl_plugins.models``).
+Plain ``import mtl_plugins`` is enough for ``AutoConfig``/``AutoModel.from_pretrained`` to load saved
+multi-task checkpoints, whether transformers is imported before or after it: it registers
 a stand-in with ``AutoConfig`` that imports this module on first use (``mtl_plugins.auto_registration``).
 To load without ``mtl_plugins`` imported at all, call
 ``MultiTaskConfig.register_for_auto_class()`` and ``MultiTaskModel.register_for_auto_class("AutoModel")``
