@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from mtl_plugins.pretrained import hub_id
 
@@ -123,6 +123,8 @@ def build_model_card(
         "mtl_priority_stats": dict(priority_stats) if priority_stats is not None else None,
     }
     data = ModelCardData(
+        model_name=(repo_id.split("/")[-1] if repo_id else "multi-task-model") if metrics else None,
+        eval_results=eval_results(config, metrics, datasets) or None,
         library_name="transformers",
         license=license,
         base_model=base_model,
@@ -133,6 +135,25 @@ def build_model_card(
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(config, repo_id, extra, base_model, datasets,
                                                                    tokenizer_included))
+
+
+#: Hub task type (for ``model-index``) of each head kind.
+HUB_TASK_TYPES = {"semantic_segmentation": "image-segmentation", "human_parts": "image-segmentation",
+                  "saliency": "image-segmentation", "edges": "image-segmentation", "depth": "depth-estimation",
+                  "normals": "image-to-image", "dense_regression": "image-to-image",
+                  "sequence_classification": "text-classification", "regression": "text-classification",
+                  "token_classification": "token-classification"}
+
+
+def eval_results(config: Any, metrics: Mapping[str, float], datasets: Sequence[str] | None) -> list[EvalResult]:
+    """The test metrics as ``model-index`` entries: one per ``"<task>/<metric>"``, with the task's
+    Hub task type and the first dataset named (``custom`` when none is)."""
+    dataset = datasets[0] if datasets else "custom"
+    kinds = {t["name"]: t["kind"] for t in config.tasks}
+    return [EvalResult(task_type=HUB_TASK_TYPES.get(kinds[key.split("/")[0]], "other"), task_name=key.split("/")[0],
+                       dataset_type=dataset, dataset_name=dataset, metric_type=key.split("/", 1)[1],
+                       metric_name=key, metric_value=float(value))
+            for key, value in metrics.items()]
 
 
 def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model: str | None,
@@ -179,7 +200,7 @@ def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model
 def usage_snippet(config: Any, name: str, tokenizer_source: str | None) -> str:
     """A Python block that loads the model from ``name`` and predicts every task on an example input
     (tokenised by the tokenizer of ``tokenizer_source`` for text models, when there is one)."""
-    lines = ["import torch", "import mtl_plugins.hub  # registers the model with AutoModel"]
+    lines = ["# pip install mtl-plugins", "import torch", "import mtl_plugins.hub  # registers the model with AutoModel"]
     if backbone_modality(config.backbone_config) == "text" and tokenizer_source:
         lines += ["from transformers import AutoModel, AutoTokenizer", "",
                   f'model = AutoModel.from_pretrained("{name}")',

@@ -230,3 +230,18 @@ def test_card_usage_snippet_tokenizes_text_with_the_base_model():
     assert 'AutoModel.from_pretrained("org/x")' in code
     assert 'tokenizer = AutoTokenizer.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")' in code
     assert 'inputs = tokenizer(["An example sentence."], return_tensors="pt")' in code
+
+
+def test_card_metadata_has_a_model_index_with_the_test_metrics():
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=DENSE_TASKS[:4]))
+    metrics = {"seg/miou": 0.41, "depth/rmse": 0.6}
+    card = build_model_card(model.config, repo_id="org/nyud-mtl", datasets=["nyud-v2"], metrics=metrics)
+    data = yaml.safe_load(str(card).split("---\n")[1])
+    (entry,) = data["model-index"]
+    assert entry["name"] == "nyud-mtl"
+    found = {(r["task"]["type"], r["task"]["name"], r["dataset"]["name"], m["type"], m["value"])
+             for r in entry["results"] for m in r["metrics"]}
+    assert found == {("image-segmentation", "seg", "nyud-v2", "miou", 0.41),
+                     ("depth-estimation", "depth", "nyud-v2", "rmse", 0.6)}
+    assert "model-index" not in yaml.safe_load(str(build_model_card(model.config)).split("---\n")[1])
+    assert usage_code(card).startswith("# pip install mtl-plugins\n")
