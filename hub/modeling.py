@@ -198,10 +198,12 @@ class MultiTaskModel(MultiTaskMixin, PreTrainedModel):
         return loss_for_kind(entry["kind"], entry.get("loss"))(logits, labels, ignore_index=entry["ignore_index"])
 
     @torch.no_grad()
-    def predict(self, inputs: Mapping[str, Tensor] | Tensor, task: str | None = None) -> dict[str, Tensor]:
+    def predict(self, inputs: Mapping[str, Tensor] | Tensor, task: str | None = None,
+                class_names: bool = False) -> dict[str, Any]:
         """Task outputs in user units: class ids (segmentation, parts, classification, tokens), depth in
         label units (metres for NYUD-v2), unit normals, probabilities (saliency, edges), regression values,
-        ``B x C x H x W`` maps (dense regression)."""
+        ``B x C x H x W`` maps (dense regression). ``class_names=True``: classification tasks whose
+        config has ``labels`` give one class name per example instead of class ids."""
         if isinstance(inputs, Tensor):
             inputs = {self.main_input_name: inputs}
         model_inputs = {k: self._to_model(v) for k, v in inputs.items() if k in MODEL_INPUTS}
@@ -211,7 +213,13 @@ class MultiTaskModel(MultiTaskMixin, PreTrainedModel):
             logits = self(**model_inputs, task=task).logits
         finally:
             self.train(training)
-        return {t: HEAD_KINDS[self.config.task(t)["kind"]].predict(value) for t, value in logits.items()}
+        predictions = {t: HEAD_KINDS[self.config.task(t)["kind"]].predict(value) for t, value in logits.items()}
+        if class_names:
+            for t, value in predictions.items():
+                names = self.config.task(t).get("labels")
+                if names and value.dim() == 1 and not value.is_floating_point():
+                    predictions[t] = [names[i] for i in value.tolist()]
+        return predictions
 
     def _to_model(self, value: Any) -> Any:
         """A tensor on the model's device; floating tensors also in the model's dtype."""

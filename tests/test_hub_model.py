@@ -391,3 +391,16 @@ def test_bfloat16_model_adds_connections_and_predicts_from_float32_inputs():
     batch = text_batch()
     out = text.predict({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     assert out["score"].dtype == torch.bfloat16 and out["sentiment"].dtype == torch.long
+
+
+def test_predict_gives_class_names_when_the_config_has_them():
+    from test_hub_fixtures import TEXT_TASKS, bert_config, text_batch
+
+    tasks = [{**TEXT_TASKS[0], "labels": ["negative", "neutral", "positive"]}, TEXT_TASKS[1]]
+    torch.manual_seed(0)
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=bert_config(), tasks=tasks))
+    batch = {k: v for k, v in text_batch().items() if k in ("input_ids", "attention_mask")}
+    ids = model.predict(batch)
+    named = model.predict(batch, class_names=True)
+    assert named["sentiment"] == [["negative", "neutral", "positive"][i] for i in ids["sentiment"].tolist()]
+    assert torch.equal(named["score"], ids["score"])  # no class names: values unchanged
