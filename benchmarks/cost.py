@@ -4,9 +4,11 @@ Each method is compared with the work it cannot avoid (its *floor*), timed on th
 optimizer and batches, alternating with it in the same process:
 
 * one-pass weightings (``ew``, ``uw``, ``dwa``, ...): one EW step (forward, backward, step);
-* strategies that need each task's gradient (``needs_task_forward``: the gradient aggregators,
-  ``gradnorm``, ``conn_strength`` Phase 2): K task forward+backward passes, gradients accumulated,
+* the gradient aggregators and ``gradnorm`` (each task's gradient, one forward shared by every
+  task): one forward pass, K backward passes through the retained graph (gradients accumulated)
   and one optimizer step;
+* ``conn_strength`` Phase 2 (task-specific connections: one forward per task): K task
+  forward+backward passes, gradients accumulated, and one optimizer step;
 * ``conn_strength`` Phase 1: K task steps (forward, backward, step for each task);
 * ``sel_update``: M x one EW step, M the number of group steps of the batch (K singleton groups
   during warm-up; the number of groups after it, 2 for a single group).
@@ -40,6 +42,7 @@ Batch = dict[str, torch.Tensor]
 
 FLOORS = {
     "ew_step": "1 EW step",
+    "retained": "1 fwd + K retained bwd + 1 step",
     "task_passes": "K task fwd+bwd + 1 step",
     "task_steps": "K task steps",
     "group_steps": "M group steps x 1 EW step",
@@ -137,6 +140,15 @@ def cases_for(strategy: str, grouped_after: int = 10) -> list[Case]:
     return [Case(strategy, strategy)]
 
 
+def retained_passes(closure, optimizer: torch.optim.Optimizer, tasks: Sequence[str]) -> None:
+    """One forward pass, K task backward passes through the retained graph (gradients summed), one step."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = closure()
+    for k, t in enumerate(tasks):
+        losses[t].backward(retain_graph=k < len(tasks) - 1)
+    optimizer.step()
+
+
 def task_passes(closure, optimizer: torch.optim.Optimizer, tasks: Sequence[str]) -> None:
     """K task forward+backward passes (gradients summed) and one optimizer step."""
     optimizer.zero_grad(set_to_none=True)
@@ -172,7 +184,8 @@ def measure_case(case: Case, setup: Setup, repeats: int, device: torch.device, m
     if "model" in STRATEGIES.accepted_options(case.strategy):
         options["model"] = model
     strategy = mtl_plugins.build_strategy(case.strategy, tasks, **options)
-    floor = case.floor or ("task_passes" if strategy.needs_task_forward else "ew_step")
+    floor = case.floor or ("ew_step" if not strategy.needs_task_forward
+                           else "task_passes" if connections else "retained")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     plain_optimizer = optimizer if plain is model else torch.optim.Adam(plain.parameters(), lr=1e-4)
     closures = [make_closure(model, b) for b in batches]
@@ -190,7 +203,9 @@ def measure_case(case: Case, setup: Setup, repeats: int, device: torch.device, m
         "method": method,
         "ew": lambda i: ew.step(plain_closures[i % len(plain_closures)], plain_optimizer),
     }
-    if floor == "task_passes":
+    if floor == "retained":
+        runs["floor"] = lambda i: retained_passes(closures[i % len(closures)], optimizer, tasks)
+    elif floor == "task_passes":
         runs["floor"] = lambda i: task_passes(closures[i % len(closures)], optimizer, tasks)
     elif floor == "task_steps":
         runs["floor"] = lambda i: task_steps(closures[i % len(closures)], optimizer, tasks)
@@ -253,7 +268,7 @@ def plot_cost(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path
     rows = ordered(rows)
     labels = [r["label"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.28 * len(rows)), sharey=True)
-    colors = dict(zip(FLOORS.values(), ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    colors = dict(zip(FLOORS.values(), ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red")))
     for ax, key, xlabel in ((axes[0], "ratio", "time / floor"), (axes[1], "ratio_ew", "time / EW step")):
         ax.barh(range(len(rows)), [r[key] for r in rows], color=[colors[r["floor"]] for r in rows])
         ax.axvline(1.0, color="black", linewidth=0.8)

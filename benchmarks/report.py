@@ -8,7 +8,7 @@ from typing import Any
 
 from .cost import FLOORS, NOTES, ordered
 
-SECTION_ORDER = ("cost", "scaling", "quality")
+SECTION_ORDER = ("cost", "libmtl", "scaling", "quality")
 
 
 def num(value: Any, digits: int = 2) -> str:
@@ -52,12 +52,12 @@ def cost_headline(section: Mapping[str, Any]) -> list[str]:
                 r = rows[label]
                 lines.append(f"{text} ({name}): **{r['ratio']:.2f}x** its floor ({r['floor']}; thread CPU time "
                              f"{r['cpu_ratio']:.2f}x), {r['ratio_ew']:.2f}x one EW step.")
-        gradient = [r for r in model["rows"] if r["floor"] == FLOORS["task_passes"] and r["strategy"] != "conn_strength"]
+        gradient = [r for r in model["rows"] if r["floor"] == FLOORS["retained"]]
         if gradient:
             lines.append(f"Methods that need per-task gradients on {name} ({len(gradient)}: the aggregators and "
                          f"`gradnorm`): median **{statistics.median(r['ratio'] for r in gradient):.2f}x** "
-                         f"their floor (K task fwd+bwd + 1 step), {statistics.median(r['ratio_ew'] for r in gradient):.2f}x "
-                         f"one EW step.")
+                         f"their floor ({FLOORS['retained']}), "
+                         f"{statistics.median(r['ratio_ew'] for r in gradient):.2f}x one EW step.")
         weightings = [r for r in model["rows"] if r["floor"] == FLOORS["ew_step"] and r["strategy"] != "ew"]
         if weightings:
             ratio = statistics.median(r["ratio"] for r in weightings)
@@ -95,7 +95,17 @@ def quality_headline(section: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-HEADLINES = {"cost": cost_headline, "scaling": scaling_headline, "quality": quality_headline}
+def side_by_side_headline(section: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, model in section["models"].items():
+        s = model["summary"]
+        lines.append(f"Gradient aggregators on {name}, side by side with LibMTL's work: median **{s['median_x_libmtl']:.2f}x** "
+                     f"the LibMTL-style step, {s['median_x_floor']:.2f}x (at most {s['max_x_floor']:.2f}x) one forward "
+                     "+ K retained backwards + one step.")
+    return lines
+
+
+HEADLINES = {"libmtl": side_by_side_headline, "cost": cost_headline, "scaling": scaling_headline, "quality": quality_headline}
 
 
 # -- sections --------------------------------------------------------------------------------------
@@ -106,8 +116,9 @@ def render_cost(section: Mapping[str, Any]) -> str:
              "ratios are medians of the per-cycle ratios (the runs of one cycle share the machine's load, "
              "and M can change from batch to batch). The floor is "
              "the work the method cannot avoid: one EW step (forward, backward, step) for loss weightings; "
-             "K task forward+backward passes (gradients accumulated) and one step for methods that need "
-             "per-task gradients (gradient aggregators, `gradnorm`, `conn_strength` Phase 2); K task steps "
+             "one forward, K backward passes through the retained graph (gradients accumulated) and one step "
+             "for the gradient aggregators and `gradnorm`; K task forward+backward passes and one step for "
+             "`conn_strength` Phase 2 (one forward per task through its task-specific connections); K task steps "
              "for `conn_strength` Phase 1; M group steps x one EW step for `sel_update` (M = K singleton "
              "groups during warm-up, the number of groups after it, 2 for a single group). 'x floor' "
              "is the wall-clock ratio, 'CPU' the same ratio in the calling thread's CPU time "
@@ -241,7 +252,23 @@ def render_quality(section: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-RENDERERS = {"cost": render_cost, "scaling": render_scaling, "quality": render_quality}
+def render_side_by_side(section: Mapping[str, Any]) -> str:
+    parts = ["## Side by side with LibMTL's gradient weightings", "", provenance(section), "",
+             section["description"].replace("\n", " "), "",
+             f"{section['repeats']} timed cycles, torch threads: {section.get('threads', '?')}. 'x LibMTL' and "
+             "'x floor' are medians of per-cycle wall-clock ratios; peak memory as in the cost section.", ""]
+    for model in section["models"].values():
+        parts += [f"### {model['description']}", ""]
+        header = ["aggregator", "options", "ms/batch", "LibMTL-style ms", "floor ms", "x LibMTL", "x floor",
+                  "LibMTL-style x floor", "peak MiB", "LibMTL-style peak MiB"]
+        rows = [[r["strategy"], r["label"], num(r["ours_ms"], 1), num(r["libmtl_ms"], 1), num(r["floor_ms"], 1),
+                 f"**{r['x_libmtl']:.2f}**", f"**{r['x_floor']:.2f}**", num(r["libmtl_x_floor"]),
+                 num(r.get("ours_peak_mib"), 1), num(r.get("libmtl_peak_mib"), 1)] for r in model["rows"]]
+        parts += [table(header, rows), ""]
+    return "\n".join(parts)
+
+
+RENDERERS = {"libmtl": render_side_by_side, "cost": render_cost, "scaling": render_scaling, "quality": render_quality}
 
 
 def render(results: Mapping[str, Any]) -> str:

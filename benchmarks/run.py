@@ -4,6 +4,9 @@ Sections (``--sections``, all by default):
 
 * ``cost``: time per batch and peak memory of every strategy against its floor and one EW step
   (:mod:`benchmarks.cost`), on CPU or ``--device cuda``;
+* ``libmtl``: the gradient aggregators side by side with the work LibMTL's weightings do (one
+  forward, K retained backwards, aggregation, step), with ``jacobian="batched"`` and ``rep_grad=True``
+  against the default (:mod:`benchmarks.side_by_side`);
 * ``scaling``: grouping and bookkeeping cost for K = 2..40 tasks (:mod:`benchmarks.scaling`);
 * ``quality``: Delta_m and per-task metrics over seeds on MultiDigits and the text recipe
   (:mod:`benchmarks.quality`).
@@ -30,7 +33,7 @@ from typing import Any
 
 from .quality import Benchmark
 
-SECTIONS = ("cost", "scaling", "quality")
+SECTIONS = ("cost", "libmtl", "scaling", "quality")
 DOCS = Path("docs/benchmarks")
 
 
@@ -43,6 +46,9 @@ class Settings:
     scaling_tasks: list[int]
     scaling_repeats: int
     scaling_aggregators: list[str] | None  # None: every gradient aggregator
+    side_repeats: int = 7
+    side_aggregators: list[str] | None = None  # None: every gradient aggregator
+    side_models: list[str] = field(default_factory=lambda: ["cnn", "resnet"])
     benchmarks: list[Benchmark] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
@@ -77,6 +83,9 @@ def quick_settings() -> Settings:
         scaling_tasks=[2, 6, 10],
         scaling_repeats=2,
         scaling_aggregators=["pcgrad", "mgda"],
+        side_repeats=2,
+        side_aggregators=["pcgrad", "mgda"],
+        side_models=["cnn"],
         benchmarks=[
             Benchmark("multidigits", "quickstart",
                       overrides=("data.train_size=256", "data.eval_size=200", "training.num_train_epochs=1",
@@ -98,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, help="folder of the quality runs (default runs/benchmarks-work)")
     parser.add_argument("--repeats", type=int, help="timed repeats of each cost case")
     parser.add_argument("--cost-models", nargs="+", default=["cnn"], choices=["cnn", "resnet"])
+    parser.add_argument("--side-models", nargs="+", choices=["cnn", "resnet"],
+                        help="models of the libmtl section (resnet: ResNet-10 HPS, 4 tasks, batch 32)")
+    parser.add_argument("--no-memory", action="store_true", help="libmtl section: skip the peak-memory runs")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of the quality section")
     parser.add_argument("--benchmarks", nargs="+", choices=["multidigits", "text"], help="quality benchmarks to run")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes of the quality section")
@@ -139,6 +151,26 @@ def cost_section(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
     return {"repeats": repeats, "device": str(device), "models": models, "memory_note": memory_note}
 
 
+def side_by_side_section(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    import torch
+
+    from . import cost, side_by_side
+
+    device = torch.device(args.device)
+    names = choose(settings.side_aggregators or side_by_side.AGGREGATORS, args.only)
+    repeats = args.repeats or settings.side_repeats
+    setups = {"cnn": cost.multidigits_setup, "resnet": lambda: cost.resnet_setup(num_tasks=4, batch_size=32,
+                                                                                 num_batches=2)}
+    models = {}
+    for name in args.side_models or settings.side_models:
+        setup = setups[name]()
+        rows = side_by_side.run_side_by_side(setup, names, repeats, device, memory=not args.no_memory, log=log)
+        models[name] = {"description": f"{setup.description}, {device.type}", "rows": rows,
+                        "summary": side_by_side.summary(rows)}
+    return {"repeats": repeats, "device": str(device), "models": models, "threads": args.threads,
+            "description": side_by_side.__doc__.split("\n\n", 1)[1].strip()}
+
+
 def scaling_section(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from . import scaling
 
@@ -163,7 +195,8 @@ def quality_section(args: argparse.Namespace, settings: Settings) -> dict[str, A
                                              args.baselines, log=log)}
 
 
-RUNNERS = {"cost": cost_section, "scaling": scaling_section, "quality": quality_section}
+RUNNERS = {"cost": cost_section, "libmtl": side_by_side_section, "scaling": scaling_section,
+           "quality": quality_section}
 
 
 def draw(name: str, section: dict[str, Any], out: Path) -> None:
@@ -173,6 +206,8 @@ def draw(name: str, section: dict[str, Any], out: Path) -> None:
     if name == "cost":
         for model, entry in section["models"].items():
             entry["plot"] = cost.plot_cost(entry["rows"], out / f"cost_{model}.png", entry["description"]).name
+    elif name == "libmtl":
+        return
     elif name == "scaling":
         section["plot"] = scaling.plot_scaling(section["rows"], out / "scaling.png").name
     else:

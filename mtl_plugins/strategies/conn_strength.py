@@ -8,6 +8,10 @@ parameter gets the plain sum. The model must have task-specific connections
 
 Across processes, Phase 2 combines gradients averaged over all processes: by ``updater.reduce_``
 unless the updater's backward already averages them (``updater.averages_gradients``).
+
+Phase 2 keeps one forward pass per task: with task-specific connections each task has its own
+path through the backbone, so the one-forward, K-retained-backward path of the gradient
+aggregators does not apply (each task's BatchNorms still see the batch once).
 """
 
 from __future__ import annotations
