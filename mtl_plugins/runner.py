@@ -280,6 +280,14 @@ def single_task_baselines(recipe: Mapping[str, Any], tasks: Sequence[str], mode:
     return {k: v for k, v in cached.items() if k.split("/")[0] in tasks}
 
 
+def same_tensors(model: torch.nn.Module, path: Path) -> bool:
+    """True when the safetensors file ``path`` holds exactly ``model``'s state dict (names and values)."""
+    from safetensors.torch import load_file
+
+    saved, state = load_file(str(path)), model.state_dict()
+    return saved.keys() == state.keys() and all(torch.equal(saved[k], v.detach().cpu()) for k, v in state.items())
+
+
 def save_hub_model(model: torch.nn.Module, folder: Path, summary: Mapping[str, Any], strategy: Any,
                    processor: Any = None) -> bool:
     """Save a Hugging Face model with ``save_pretrained`` (safetensors) to ``folder``, with the
@@ -438,8 +446,15 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
         return summary
     from safetensors.torch import save_model
 
-    save_model(result["model"], str(staging / "model.safetensors"))
-    save_hub_model(result["model"], staging / "model", summary, result["strategy"], processor=data.processor)
+    hub_weights = staging / "model" / "model.safetensors"
+    if save_hub_model(result["model"], staging / "model", summary, result["strategy"], processor=data.processor) \
+            and hub_weights.is_file() and same_tensors(result["model"], hub_weights):
+        try:  # one copy of the weights on disk: model.safetensors is a second name for the Hub folder's file
+            os.link(hub_weights, staging / "model.safetensors")
+        except OSError:
+            save_model(result["model"], str(staging / "model.safetensors"))
+    else:
+        save_model(result["model"], str(staging / "model.safetensors"))
     torch.save(result["strategy"].state_dict(), staging / "strategy_state.pt")
     plots = []
     if result["records"]:

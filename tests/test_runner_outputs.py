@@ -50,6 +50,8 @@ def test_run_saves_a_hub_model_that_reloads_and_a_card_with_strategy_and_metrics
     reloaded = AutoModel.from_pretrained(out / "model").eval()
     assert type(reloaded) is type(model) and reloaded.config.tasks == model.config.tasks
     assert [t["loss"] for t in reloaded.config.tasks] == ["l1", "mse"]
+    # one copy of the weights on disk: the flat file is a second name for the Hub folder's file
+    assert (out / "model.safetensors").samefile(out / "model" / "model.safetensors")
     flat = load_file(out / "model.safetensors")
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, flat[name]), name
