@@ -59,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in notes if int(os.environ.get("RANK", "0")) == 0 else ():
         print(f"mtl-train: note: {note}", file=sys.stderr)
+    from transformers.utils import logging as transformers_logging
+
     from .runner import describe_environment, format_epoch_table, is_main_process, run_recipe
+
+    transformers_logging.disable_progress_bar()  # weight loading and shard writing: the run's own bars stay
 
     try:
         summary = run_recipe(recipe, output_dir=args.output_dir, baselines=args.baselines,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -463,7 +462,6 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
         warning = (f"no training loss was logged ({result['steps']} steps < logging_steps="
                    f"{training_options(recipe)['logging_steps']}): no loss_curves.png; set training.logging_steps "
                    "to at most the number of steps")
-        logging.getLogger(__name__).warning(warning)
         summary["warnings"] = [warning]
     plots += result["strategy"].write_plots(staging)
     if can_draw(data.task_specs):
