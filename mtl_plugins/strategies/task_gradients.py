@@ -82,9 +82,10 @@ class TaskGradients:
     specific: list[Tensor | None]
 
     def finite_flag(self) -> Tensor:
-        """1.0 (on the device) when the Jacobian and every task-specific gradient are finite."""
-        flags = [torch.isfinite(self.jacobian).all()] + [torch.isfinite(g).all() for g in self.specific if g is not None]
-        return torch.stack(flags).all().to(torch.float64)
+        """1.0 (on the device) when the Jacobian and every task-specific gradient are finite (max and
+        min propagate NaN and inf, without a copy of the Jacobian)."""
+        bounds = [b for g in (self.jacobian, *(g for g in self.specific if g is not None)) for b in (g.amax(), g.amin())]
+        return torch.isfinite(torch.stack([b.to(torch.float64) for b in bounds])).all().to(torch.float64)
 
     def read(self, tasks: Sequence[str], *extra: Tensor) -> HostValues:
         """Losses, finiteness, Gramian ``J J^T`` and ``extra`` tensors, read to the host in one transfer;
@@ -119,7 +120,7 @@ def task_gradients(
             raise ValueError("the batched Jacobian needs one forward pass shared by every task")
         return batched_task_gradients(closure, updater, tasks, loss_weights, shared, specific, coefficients)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
-    rows: list[Tensor] = []
+    jacobian: Tensor | None = None
     specific_sum: list[Tensor | None] = [None] * len(specific)
     values: list[Tensor] = []
     if one_forward:
@@ -136,15 +137,19 @@ def task_gradients(
             loss = task_losses[task]
             updater.backward(loss_weights[task] * loss)
         values.append(loss.detach().reshape(()).to(torch.float64))
-        rows.append(torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in shared
-        ]))
+        if jacobian is None:  # K x n, allocated like the gradients (device, tensor type)
+            like = next((p.grad for p in shared if p.grad is not None), shared[0])
+            jacobian = like.new_empty((len(tasks), sum(p.numel() for p in shared)), dtype=dtype)
+        offset = 0
+        for p in shared:  # row k of the Jacobian, written in place
+            row = jacobian[k, offset : offset + p.numel()]
+            row.copy_(p.grad.reshape(-1)) if p.grad is not None else row.zero_()
+            offset += p.numel()
         coefficient = 1.0 if coefficients is None else float(coefficients[k])
         for i, p in enumerate(specific):
             if p.grad is not None:
                 g = coefficient * p.grad.to(dtype)
                 specific_sum[i] = g if specific_sum[i] is None else specific_sum[i] + g
-    jacobian = torch.stack(rows)
     present = [g for g in specific_sum if g is not None]
     if not updater.averages_gradients:
         updater.reduce_([jacobian, *present])
@@ -204,10 +209,10 @@ def write_gradients(
     offset = 0
     for p in shared:
         chunk = direction[offset : offset + p.numel()]
-        p.grad = (chunk * scale).reshape(p.shape).to(p.dtype)
+        p.grad = (chunk if scale == 1.0 else chunk * scale).reshape(p.shape).to(p.dtype)  # a view when possible
         offset += p.numel()
     for p, g in zip(specific, specific_grads):
-        p.grad = None if g is None else (g * scale).to(p.dtype)
+        p.grad = None if g is None else (g if scale == 1.0 else g * scale).to(p.dtype)
 
 
 def check_non_finite(grads: TaskGradients, updater: Updater, tasks: Sequence[str], strategy: str) -> None:
