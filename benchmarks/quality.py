@@ -1,11 +1,17 @@
 """Quality: test metrics and Delta_m of strategies on recipes, over seeds, against single-task models.
 
 Every (benchmark, strategy, seed) is one run of :func:`mtl_plugins.compare.run_all` (the recipe's
-data, model and training options; ``training.seed`` = the seed; ``conn_strength`` on the recipe's
-model with task-specific connections). Single-task baselines (``ew`` on one task, the same recipe)
-come from :func:`mtl_plugins.runner.single_task_baselines` and its cache, for every seed or for the
-first seed only (then every seed is compared with them). Runs are independent jobs spread over
+data, model and training options; ``training.seed`` = the seed, which also fixes the data order, so
+strategies with one seed see the same batches; ``conn_strength`` on the recipe's model with
+task-specific connections). Single-task baselines (``ew`` on one task, the same recipe plus the
+benchmark's ``baseline_overrides``, e.g. a longer schedule keeping the epoch of lowest validation
+loss) come from :func:`mtl_plugins.runner.single_task_baselines` and its cache, for every seed or for
+the first seed only (then every seed is compared with them). Runs are independent jobs spread over
 worker processes, one torch thread each.
+
+Per strategy the summary gives Delta_m as mean ± half width of the 95% t interval over seeds, and
+the paired per-seed difference to ``ew`` with its interval (:mod:`benchmarks.stats`); ``verdicts``
+compare ``sel_update`` and ``conn_strength`` with ``ew`` and with the best gradient baseline.
 
 From each run's saved strategy state the report shows ``sel_update``'s learned groups and affinity
 and ``conn_strength``'s Phase-2 share and task priority (share of channels whose top-priority task
@@ -27,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .stats import mean_ci, paired_difference, verdict
+
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -39,6 +47,9 @@ class Benchmark:
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     baseline_seeds: str = "each"  # "each" seed or the "first" one only
     note: str = ""
+    #: Overrides of the single-task baselines only (e.g. a longer schedule with model selection on
+    #: the validation split: ``training.load_best_model_at_end=true``).
+    baseline_overrides: tuple[str, ...] = ()
 
     def load(self) -> dict[str, Any]:
         from mtl_plugins.config import apply_overrides, load_recipe
@@ -107,7 +118,9 @@ def run_baseline_job(recipe: Mapping[str, Any], mode: str) -> dict[str, Any]:
     started = time.perf_counter()
     data = build_datasets(recipe)
     metrics = single_task_baselines(recipe, data.tasks, mode, progress=False)
-    return {"metrics": metrics, "higher_is_better": higher_is_better(data), "tasks": data.tasks,
+    main = {f"{t}/{spec.metric}" for t, spec in data.task_specs.items()}  # what a strategy run reports
+    selection = higher_is_better(data, (recipe.get("data") or {}).get("dataset"), main & set(metrics))
+    return {"metrics": metrics, "higher_is_better": selection, "tasks": data.tasks,
             "seconds": time.perf_counter() - started}
 
 
@@ -137,7 +150,10 @@ def plan_jobs(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir: P
                 folder = work_dir / bench.name / f"seed{seed}"
                 jobs.append(Job("strategy", bench.name, seed, name, scale * passes, (name, recipe, str(folder))))
             if baselines != "skip" and (bench.baseline_seeds == "each" or seed == seeds[0]):
-                recipe = strategy_recipe(base, "ew", seed, {})
+                from mtl_plugins.config import apply_overrides
+
+                recipe = apply_overrides(strategy_recipe(base, "ew", seed, {}), list(bench.baseline_overrides))
+                recipe["output_dir"] = str(work_dir / bench.name / f"seed{seed}" / "single-task")
                 jobs.append(Job("baseline", bench.name, seed, "single-task", scale * tasks, (recipe, baselines)))
     return sorted(jobs, key=lambda j: -j.weight)
 
@@ -193,33 +209,70 @@ def summarize(benchmark: Benchmark, outcomes: Sequence[tuple[Job, dict]], seeds:
         runs = entry["runs"]
         entry["metrics"] = {k: mean_std([r["metrics"][k] for r in runs]) for k in runs[0]["metrics"]}
         deltas = [r["delta_m"] for r in runs if r["delta_m"] is not None]
-        entry["delta_m"] = mean_std(deltas) if deltas else None
+        # mean ± half width of the 95% t interval over seeds (the std is kept in delta_m_ci)
+        ci = mean_ci(deltas) if deltas else None
+        entry["delta_m_ci"] = ({**ci, "std": mean_std(deltas)[1]} if ci else None)
+        entry["delta_m"] = (ci["mean"], ci["half_width"] if ci["n"] > 1 else 0.0) if ci else None
         entry["ms_per_batch"] = statistics.fmean(r["ms_per_batch"] for r in runs)
         entry["seeds"] = len(runs)
+    per_seed = {name: {r["seed"]: r["delta_m"] for r in e["runs"] if r["delta_m"] is not None}
+                for name, e in strategies.items()}
+    for name, entry in strategies.items():
+        entry["vs_ew"] = paired_difference(per_seed[name], per_seed["ew"]) if "ew" in per_seed and name != "ew" else None
+    verdicts = compare_methods(strategies, per_seed)
     single = None
     if baselines:
         names = list(next(iter(baselines.values()))["metrics"])
         single = {k: mean_std([b["metrics"][k] for b in baselines.values()]) for k in names}
     return {"benchmark": benchmark.name, "recipe": benchmark.recipe, "overrides": list(benchmark.overrides),
             "note": benchmark.note, "seeds": list(seeds), "baseline_seeds": sorted(baselines), "failures": failures,
-            "strategies": strategies, "single_task": single}
+            "strategies": strategies, "single_task": single, "verdicts": verdicts}
+
+
+#: Strategies that combine per-task gradients (the "gradient baselines" the methods are compared with).
+GRADIENT_BASELINES = ("pcgrad", "cagrad", "mgda", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "graddrop",
+                      "gradvac", "gradnorm")
+
+
+def compare_methods(strategies: Mapping[str, Any], per_seed: Mapping[str, Mapping[int, float]]) -> list[dict[str, Any]]:
+    """``sel_update`` and ``conn_strength`` against ``ew`` and against the gradient baseline with the best
+    mean Delta_m: paired per-seed difference of Delta_m with its 95% t interval, and the verdict."""
+    gradient = [n for n in GRADIENT_BASELINES if strategies.get(n, {}).get("delta_m")]
+    best = max(gradient, key=lambda n: strategies[n]["delta_m"][0]) if gradient else None
+    rows = []
+    for method in ("sel_update", "conn_strength"):
+        if method not in per_seed:
+            continue
+        for other in ("ew", best):
+            if other is None or other not in per_seed:
+                continue
+            difference = paired_difference(per_seed[method], per_seed[other])
+            rows.append({"method": method, "against": other, "difference": difference, "verdict": verdict(difference)})
+    return rows
 
 
 def plot_quality(summary: Mapping[str, Any], path: Path) -> Path:
-    """Delta_m (mean, std over seeds) per strategy."""
+    """Two panels per strategy: Delta_m (mean and 95% t interval over seeds) and the paired per-seed
+    difference of Delta_m to ``ew`` (mean and 95% t interval)."""
     from mtl_plugins.plots import _pyplot
 
     plt = _pyplot()
-    items = [(name, e["delta_m"]) for name, e in summary["strategies"].items() if e["delta_m"] is not None]
-    items.sort(key=lambda item: -item[1][0])
-    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.3 * max(len(items), 1)))
-    ax.barh(range(len(items)), [d[0] for _, d in items], xerr=[d[1] for _, d in items],
-            color=["tab:orange" if n in ("sel_update", "conn_strength") else "tab:blue" for n, _ in items])
-    ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(items)), [n for n, _ in items], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("Delta_m vs single-task models (%), mean and std over seeds")
-    ax.set_title(f"{summary['benchmark']}: {len(summary['seeds'])} seeds", fontsize=10)
+    items = [(name, e) for name, e in summary["strategies"].items() if e["delta_m"] is not None]
+    items.sort(key=lambda item: -item[1]["delta_m"][0])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.9 + 0.3 * max(len(items), 1)), sharey=True)
+    colours = ["tab:orange" if n in ("sel_update", "conn_strength") else "tab:blue" for n, _ in items]
+    rows = range(len(items))
+    left.barh(rows, [e["delta_m"][0] for _, e in items], xerr=[e["delta_m"][1] for _, e in items], color=colours)
+    differences = [e.get("vs_ew") for _, e in items]
+    right.barh(rows, [d["mean"] if d else 0.0 for d in differences],
+               xerr=[d["half_width"] if d else 0.0 for d in differences], color=colours)
+    for ax in (left, right):
+        ax.axvline(0.0, color="black", linewidth=0.8)
+    left.set_yticks(list(rows), [n for n, _ in items], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("Delta_m vs single-task (%), mean, 95% CI")
+    right.set_xlabel("Delta_m - Delta_m(ew), paired by seed, 95% CI")
+    fig.suptitle(f"{summary['benchmark']}: {len(summary['seeds'])} seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

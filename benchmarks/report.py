@@ -90,8 +90,10 @@ def quality_headline(section: Mapping[str, Any]) -> list[str]:
         best = max(entries, key=lambda n: entries[n]["delta_m"][0])
         shown = [n for n in ("ew", "sel_update", "conn_strength") if n in entries]
         parts = ", ".join(f"`{n}` {pm(entries[n]['delta_m'], 2)}" for n in shown)
-        lines.append(f"{summary['benchmark']} Delta_m (%, {len(summary['seeds'])} seeds): {parts}; best `{best}` "
-                     f"{pm(entries[best]['delta_m'], 2)}.")
+        lines.append(f"{summary['benchmark']} Delta_m (%, mean ± 95% CI, {len(summary['seeds'])} seeds): {parts}; "
+                     f"best `{best}` {pm(entries[best]['delta_m'], 2)}.")
+        lines += [f"{summary['benchmark']}: `{r['method']}` vs `{r['against']}`: {r['verdict']}."
+                  for r in summary.get("verdicts", [])]
     return lines
 
 
@@ -169,20 +171,31 @@ def render_benchmark(summary: Mapping[str, Any]) -> str:
     base_seeds = ", ".join(str(s) for s in summary["baseline_seeds"]) or "none"
     parts = [f"### {summary['benchmark']}", "",
              f"Recipe `{summary['recipe']}`{override}; training seeds {seeds}; single-task baselines from seeds "
-             f"{base_seeds}. Mean ± standard deviation over seeds; Delta_m in % (higher is better).", ""]
+             f"{base_seeds}. Metrics: mean ± standard deviation over seeds. Delta_m in % (higher is better): "
+             "mean ± half width of the 95% confidence interval (t-distribution, n - 1 degrees of freedom); "
+             "'vs ew': the per-seed paired difference of Delta_m to `ew` (same seeds, same data order), "
+             "mean ± 95% CI.", ""]
     if summary.get("note"):
         parts += [summary["note"], ""]
     if summary.get("failures"):
         parts += ["Failed runs (left out of the means):", "", *(f"* {f}" for f in summary["failures"]), ""]
     rows = []
     if summary.get("single_task"):
-        rows.append(["single-task", *(pm(summary["single_task"].get(m)) for m in metrics), "0 (reference)", ""])
+        rows.append(["single-task", *(pm(summary["single_task"].get(m)) for m in metrics), "0 (reference)", "", ""])
     order = sorted(strategies, key=lambda n: -(strategies[n]["delta_m"] or (float("-inf"), 0))[0])
     for name in order:
         e = strategies[name]
+        paired = e.get("vs_ew")
         rows.append([f"`{name}`", *(pm(e["metrics"][m]) for m in metrics), f"**{pm(e['delta_m'], 2)}**",
-                     num(e["ms_per_batch"], 0)])
-    parts += [table(["strategy", *metrics, "Delta_m (%)", "ms/batch"], rows), ""]
+                     pm((paired["mean"], paired["half_width"]), 2) if paired else "", num(e["ms_per_batch"], 0)])
+    parts += [table(["strategy", *metrics, "Delta_m (%)", "vs ew", "ms/batch"], rows), ""]
+    for row in summary.get("verdicts", []):
+        d = row["difference"]
+        interval = (f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] over seeds {d['seeds']}" if d
+                    else "n/a")
+        parts.append(f"* `{row['method']}` vs `{row['against']}`: paired Delta_m difference {interval}: "
+                     f"**{row['verdict']}**.")
+    parts += [""] if summary.get("verdicts") else []
     same = identical_to_ew(strategies)
     parts += [f"`{name}` gives exactly the results of `ew` on every seed{IDENTICAL_TO_EW.get(name, '')}." for name in same]
     parts += [""] if same else []

@@ -97,7 +97,8 @@ def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
         assert results["environment"][key]
     assert all(s["command"].startswith("python -m benchmarks.run") for s in results["sections"].values())
     plots = sorted(p.name for p in out.glob("*.png"))
-    assert plots == ["cost_cnn.png", "quality_multidigits.png", "quality_multidigits_affinity.png", "scaling.png"]
+    assert plots == ["cost_cnn.png", "quality_multidigits.png", "quality_multidigits_affinity.png", "quality_rooms.png",
+                     "quality_rooms_affinity.png", "scaling.png"]
     assert all(f"]({name})" in text for name in plots)
 
     rows = results["sections"]["cost"]["models"]["cnn"]["rows"]
@@ -113,7 +114,17 @@ def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
         assert finite_positive(row["clustering_ms"]) and finite_positive(row["bookkeeping_x_ew"])
     assert all(r["exact"] == 1.0 for r in results["sections"]["scaling"]["rows"])  # small K, clear clusters
 
-    (summary,) = results["sections"]["quality"]["summaries"]
+    summaries = {s["benchmark"]: s for s in results["sections"]["quality"]["summaries"]}
+    assert set(summaries) == {"multidigits", "rooms"}
+    rooms = summaries["rooms"]
+    assert set(rooms["strategies"]["ew"]["runs"][0]["metrics"]) >= {"depth/rmse", "semseg/miou", "normals/mean_angle",
+                                                                    "saliency/miou"}
+    assert all(math.isfinite(e["delta_m"][0]) for e in rooms["strategies"].values())
+    summary = summaries["multidigits"]
+    for entry in (e for s in summaries.values() for n, e in s["strategies"].items() if n != "ew"):
+        assert math.isfinite(entry["vs_ew"]["mean"]) and entry["vs_ew"]["seeds"] == [0, 1]
+    assert {(r["method"], r["against"]) for r in summary["verdicts"]} == {("sel_update", "ew"), ("conn_strength", "ew")}
+    assert "paired Delta_m difference" in text and "95% confidence interval" in text
     tasks = [m.split("/")[0] for m in summary["single_task"]]
     assert set(summary["strategies"]) == {"ew", "sel_update", "conn_strength"}
     for entry in summary["strategies"].values():

@@ -1,0 +1,87 @@
+"""Quality statistics: t intervals of means and of paired per-seed differences, and the summary built on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("benchmarks") is None:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import Benchmark, Job, summarize  # noqa: E402 - after the sys.path set-up
+from benchmarks.stats import mean_ci, paired_difference, verdict  # noqa: E402
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0], [3.1, -0.4, 2.2, 5.0, 1.7], list(np.linspace(-2, 7, 11))])
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_mean_ci_is_the_t_interval(values, confidence):
+    ci = mean_ci(values, confidence)
+    low, high = scipy.stats.t.interval(confidence, len(values) - 1, loc=np.mean(values), scale=scipy.stats.sem(values))
+    assert ci["mean"] == pytest.approx(np.mean(values))
+    assert (ci["low"], ci["high"]) == pytest.approx((low, high))
+    assert ci["half_width"] == pytest.approx((high - low) / 2) and ci["n"] == len(values)
+
+
+def test_t_interval_of_five_seeds_by_hand():
+    # t_{0.975, 4} = 2.7764451...; s of [1, 2, 3, 4, 5] = sqrt(2.5)
+    ci = mean_ci([1, 2, 3, 4, 5])
+    assert ci["half_width"] == pytest.approx(2.7764451052 * math.sqrt(2.5) / math.sqrt(5), rel=1e-9)
+    assert math.isnan(mean_ci([4.0])["half_width"])
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_ci([])
+    with pytest.raises(ValueError, match="confidence must be in"):
+        mean_ci([1, 2], 1.5)
+
+
+def test_paired_difference_uses_the_shared_seeds_only():
+    method = {0: 5.0, 1: 6.0, 2: 4.0, 3: 9.0}
+    ew = {0: 4.0, 1: 4.5, 2: 3.5, 4: 0.0}
+    d = paired_difference(method, ew)
+    assert d["seeds"] == [0, 1, 2]
+    diffs = [1.0, 1.5, 0.5]
+    low, high = scipy.stats.t.interval(0.95, 2, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx((1.0, low, high))
+    assert verdict(d) == "no clear difference"  # 1.0 ± 4.30 * 0.289: the interval reaches -0.24
+    assert verdict(paired_difference({0: 2.0, 1: 2.1, 2: 1.9}, {0: 0.0, 1: 0.0, 2: 0.0})) == "better"
+    assert paired_difference({0: 1.0}, {0: 0.0}) is None and verdict(None) == "not enough seeds"
+    assert verdict({"low": -1.0, "high": -0.1, "half_width": 0.45}) == "worse"
+    assert verdict({"low": -1.0, "high": 0.1, "half_width": 0.55}) == "no clear difference"
+
+
+def test_summary_pairs_every_strategy_with_ew_by_seed():
+    bench = Benchmark("toy", "quickstart", strategies=("ew", "sel_update", "pcgrad", "cagrad"))
+    seeds = [0, 1, 2, 3, 4]
+    rng = np.random.default_rng(0)
+    accuracy = {name: 0.8 + 0.02 * rng.standard_normal(5) + shift
+                for name, shift in (("ew", 0.0), ("sel_update", 0.05), ("pcgrad", 0.0), ("cagrad", -0.02))}
+    outcomes = []
+    for i, seed in enumerate(seeds):
+        outcomes.append((Job("baseline", "toy", seed, "single-task", 1.0, ()),
+                         {"metrics": {"a/accuracy": 0.8}, "higher_is_better": {"a/accuracy": True}, "seconds": 1.0}))
+        for name, values in accuracy.items():
+            row = {"a/accuracy": float(values[i]), "ms_per_batch": 1.0}
+            outcomes.append((Job("strategy", "toy", seed, name, 1.0, ()), {"row": row, "extras": {}, "seconds": 1.0}))
+    summary = summarize(bench, outcomes, seeds)
+    delta = {name: 100 * (values - 0.8) / 0.8 for name, values in accuracy.items()}
+    for name in accuracy:
+        entry = summary["strategies"][name]
+        low, high = scipy.stats.t.interval(0.95, 4, loc=delta[name].mean(), scale=scipy.stats.sem(delta[name]))
+        assert entry["delta_m"] == pytest.approx((delta[name].mean(), (high - low) / 2))
+        if name == "ew":
+            assert entry["vs_ew"] is None
+            continue
+        diffs = delta[name] - delta["ew"]
+        low, high = scipy.stats.t.interval(0.95, 4, loc=diffs.mean(), scale=scipy.stats.sem(diffs))
+        assert (entry["vs_ew"]["low"], entry["vs_ew"]["high"]) == pytest.approx((low, high))
+    rows = {(r["method"], r["against"]): r for r in summary["verdicts"]}
+    best_gradient = max(("pcgrad", "cagrad"), key=lambda n: delta[n].mean())
+    assert set(rows) == {("sel_update", "ew"), ("sel_update", best_gradient)}
+    diffs = delta["sel_update"] - delta[best_gradient]
+    assert rows[("sel_update", best_gradient)]["difference"]["mean"] == pytest.approx(diffs.mean())
