@@ -84,3 +84,20 @@ def test_dense_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
     predicted = model.predict(torch.randn(2, 3, 64, 64))
     assert predicted["semseg"].shape == (2, 64, 64) and predicted["normals"].shape == (2, 3, 64, 64)
     assert model.config.task("semseg")["labels"][:2] == ["floor", "wall"]
+
+
+def test_every_rooms_recipe_builds_its_model_and_strategy_on_rooms(tmp_path, monkeypatch):
+    from mtl_plugins.config import apply_overrides
+    from mtl_plugins.runner import build_datasets, build_model, make_strategy
+
+    monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path))
+    expected = {"rooms-sel": "sel_update", "rooms-ew": "ew", "rooms-connstr": "conn_strength", "rooms-connstr-ew": "ew"}
+    for name, strategy in expected.items():
+        recipe = apply_overrides(load_recipe(name), ["data.train_size=4", "data.eval_size=2", "data.validation_size=2",
+                                                    "data.height=32", "data.width=32"])
+        data = build_datasets(recipe)
+        model = build_model(recipe, data)
+        assert make_strategy(recipe, data.tasks, model).name == strategy
+        with torch.no_grad():
+            out = model(**data.train[0:4])
+        assert set(out.losses) == set(TASKS) and all(torch.isfinite(v) for v in out.losses.values()), name
