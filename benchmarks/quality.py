@@ -105,7 +105,7 @@ def run_strategy_job(label: str, recipe: Mapping[str, Any], folder: str) -> dict
     started = time.perf_counter()
     row = run_all([(label, recipe)], folder, baselines="skip", progress=False)[0]
     run_dir = Path(folder) / label
-    state = torch.load(run_dir / "strategy_state.pt", weights_only=False)
+    state = torch.load(run_dir / "strategy_state.pt", weights_only=True)
     (run_dir / "model.safetensors").unlink(missing_ok=True)
     return {"row": row, "extras": strategy_extras(recipe["strategy"]["name"], state),
             "seconds": time.perf_counter() - started}

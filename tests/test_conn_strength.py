@@ -504,7 +504,7 @@ def test_determinism_under_seed_and_exact_resume():
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict()}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = torch.load(buffer, weights_only=True)
     resumed_model = make_model(seed=99)
     resumed_model.load_state_dict(saved["model"])
     resumed_optimizer = torch.optim.Adam(resumed_model.parameters(), lr=0.01)
@@ -581,7 +581,7 @@ def test_quickstart_runs_end_to_end_with_task_connections(tmp_path):
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     records = [r for r in records if r.get("split") != "validation"]  # the training logs
     assert all("priority/left" in r and r["phase"] in (1.0, 2.0) for r in records)
-    state = torch.load(out / "strategy_state.pt", weights_only=False)
+    state = torch.load(out / "strategy_state.pt", weights_only=True)
     assert state["num_steps"] == 20 and sum(state["phase_counts"]) == 20
     from safetensors.torch import load_file
 

@@ -748,3 +748,66 @@ def test_quickstart_end_to_end_writes_the_plots(tmp_path, monkeypatch):
     assert any("num_groups" in r and "affinity/left->sum" in r for r in records)
     state = torch.load(out / "strategy_state.pt", weights_only=True)
     assert state["num_steps"] == 6 and len(state["history"]) == 6
+
+
+class PoisonedClosure:
+    """``make_closure`` whose losses of ``tasks`` are NaN from forward pass ``nan_at`` on."""
+
+    def __init__(self, model, batch, nan_at, tasks):
+        self.inner, self.nan_at, self.tasks, self.calls = make_closure(model, batch), nan_at, tasks, 0
+
+    def __call__(self, task=None):
+        losses = dict(self.inner(task))
+        if self.calls >= self.nan_at:
+            losses.update({t: losses[t] * float("nan") for t in self.tasks})
+        self.calls += 1
+        return losses
+
+
+def test_nan_loss_stops_before_the_group_step_and_leaves_the_model_alone():
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    strategy = SelectiveGroupUpdate(TASKS, warmup_steps=0, affinity_decay=0.5, seed=1)
+    batches = make_batches(3)
+    train(strategy, model, optimizer, batches[:2])
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = copy.deepcopy(optimizer.state_dict())
+    affinity = strategy.affinity.clone()
+    with pytest.raises(NonFiniteLossError, match=r"batch 2: non-finite loss for tasks \['a', 'b', 'c', 'd'\] in "
+                                                  r"forward pass 0 \(before updating group .*not updated"):
+        strategy.step(PoisonedClosure(model, batches[2], nan_at=0, tasks=TASKS), optimizer)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    assert str(optimizer.state_dict()) == str(moments)
+    assert torch.equal(strategy.affinity, affinity) and strategy.num_steps == 2
+
+
+def test_nan_loss_after_a_group_step_keeps_that_step_only():
+    model, reference = tiny_model(), tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    strategy = SelectiveGroupUpdate(TASKS, warmup_steps=5, seed=1)  # singleton groups
+    batch = make_batches(1)[0]
+    order = [TASKS[i] for i in torch.randperm(4, generator=torch.Generator().manual_seed(1)).tolist()]
+    with pytest.raises(NonFiniteLossError, match=rf"batch 0: non-finite loss for tasks \['{order[1]}'\] in forward "
+                                                  r"pass 1 .*1 earlier group steps of this batch were applied"):
+        strategy.step(PoisonedClosure(model, batch, nan_at=1, tasks=[order[1]]), optimizer)
+    # the reference takes the first group's step only, by hand
+    reference(**batch)["losses"][order[0]].backward()
+    with torch.no_grad():
+        expected = {n: p - 0.1 * p.grad if p.grad is not None else p for n, p in reference.named_parameters()}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=0, atol=1e-7)
+    assert strategy.num_steps == 0 and not strategy.history
+
+
+def test_infinite_gradient_in_a_plain_loop_names_the_group_task():
+    model = tiny_model()
+    model.heads["c"].weight.register_hook(lambda grad: grad * float("inf"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    strategy = SelectiveGroupUpdate(TASKS)  # singleton groups: c's step comes after 0 to 3 others
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"batch 0, group \['c'\] .*non-finite gradient for tasks \['c'\]"):
+        strategy.step(make_closure(model, make_batches(1)[0]), optimizer)
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values()) and strategy.num_steps == 0
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("heads.c"))

@@ -269,10 +269,12 @@ def install_scaler(trainer, init_scale=2.0**8):
     return scaler
 
 
-@pytest.mark.parametrize("measure_last, at", [(False, (1, 0)), (True, (1, 1)), (False, (1, 1))])
-def test_fp16_overflow_skips_only_that_step(tmp_path, measure_last, at):
+@pytest.mark.parametrize("measure_last, at, optim", [(False, (1, 0), "sgd"), (True, (1, 1), "sgd"), (False, (1, 1), "sgd"),
+                                                     (False, (1, 0), "adamw_torch_fused"),
+                                                     (False, (1, 1), "adamw_torch_fused")])
+def test_fp16_overflow_skips_only_that_step(tmp_path, measure_last, at, optim):
     data = vector_data(32)
-    args = make_args(tmp_path, steps=4, fp16=True, train_sampling_strategy="sequential")
+    args = make_args(tmp_path, steps=4, fp16=True, train_sampling_strategy="sequential", optim=optim)
     model = vector_model()
     strategy = Overflowing(TASKS, at=at, mode="overflow", measure_last=measure_last)
     trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=strategy)
@@ -280,7 +282,7 @@ def test_fp16_overflow_skips_only_that_step(tmp_path, measure_last, at):
     trainer.train()
     assert scaler.get_scale() == 2.0**7  # backed off once
     reference = vector_model()
-    args = make_args(tmp_path / "ref", steps=4, train_sampling_strategy="sequential")
+    args = make_args(tmp_path / "ref", steps=4, train_sampling_strategy="sequential", optim=optim)
     omitted = Overflowing(TASKS, at=at, mode="omit", measure_last=measure_last)
     MultiTaskTrainer(model=reference, args=args, train_dataset=data, strategy=omitted).train()
     torch.testing.assert_close(snapshot(model), snapshot(reference), rtol=0, atol=0)
@@ -305,9 +307,10 @@ class StepRecorder(TrainerCallback):
         self.records.append((snapshot(self.trainer.model), learned, self.trainer.lr_scheduler.last_epoch))
 
 
-def train_overflowing_first_batch(tmp_path, name):
+def train_overflowing_first_batch(tmp_path, name, optim="sgd"):
     """Three batches under fp16; the first overflows (huge loss scale), the scaler then backs off to 2**7."""
-    args = make_args(tmp_path / name, steps=3, fp16=True, logging_steps=1, train_sampling_strategy="sequential")
+    args = make_args(tmp_path / name / optim, steps=3, fp16=True, logging_steps=1, optim=optim,
+                     train_sampling_strategy="sequential")
     trainer = MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(32), strategy=name)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120,
                                                       growth_interval=1000)
@@ -319,9 +322,13 @@ def train_overflowing_first_batch(tmp_path, name):
     return trainer, start, recorder.records
 
 
-@pytest.mark.parametrize("name", ["uw", "famo"])
-def test_fp16_overflow_leaves_learned_loss_weights_alone(tmp_path, name):
-    trainer, start, records = train_overflowing_first_batch(tmp_path, name)
+@pytest.mark.parametrize("name, optim", [("uw", "sgd"), ("famo", "sgd"), ("uw", "adamw_torch"),
+                                         ("uw", "adamw_torch_fused"), ("famo", "adamw_torch_fused")])
+def test_fp16_overflow_leaves_learned_loss_weights_alone(tmp_path, name, optim):
+    # fused optimizers always run their step under the scaler (the kernel skips it): the skip must be
+    # read from the scaler, not from accelerate's step_was_skipped
+    trainer, start, records = train_overflowing_first_batch(tmp_path, name, optim)
+    assert trainer.updater.skipped_steps == 1
     assert trainer.updater.deferred is False  # the final step was taken inside the batch
     zeros = torch.zeros(len(TASKS), dtype=records[0][1].dtype)
     (model_0, learned_0, _), (model_1, learned_1, _), (model_2, learned_2, _) = records
@@ -333,6 +340,7 @@ def test_fp16_overflow_leaves_learned_loss_weights_alone(tmp_path, name):
     assert [r[2] for r in records] == [r[2] for r in deferred] == [0, 1, 2]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [math.isfinite(entry["grad_norm"]) for entry in logs] == [False, True, True]
+    assert [entry.get("skipped_inner_steps") for entry in logs] == [1, 1, 1]
 
 
 def test_updater_unscales_before_clipping_and_skips_overflow(tmp_path):
@@ -449,7 +457,8 @@ def test_every_private_transformers_attribute_the_trainer_relies_on_exists(tmp_p
 
     trainer = MultiTaskTrainer(model=vector_model(), args=make_args(tmp_path, steps=1), train_dataset=vector_data(16))
     trainer.train()
-    instances = {"transformers.Trainer": trainer, "accelerate.state.GradientState": trainer.accelerator.gradient_state}
+    instances = {"transformers.Trainer": trainer, "accelerate.state.GradientState": trainer.accelerator.gradient_state,
+                 "accelerate.optimizer.AcceleratedOptimizer": trainer.optimizer}
     for key in PRIVATE_ATTRIBUTES:
         owner, attribute = key.rsplit(".", 1)
         module, name = owner.rsplit(".", 1)
@@ -457,3 +466,24 @@ def test_every_private_transformers_attribute_the_trainer_relies_on_exists(tmp_p
         assert isinstance(instances[owner], cls)
         target = instances[owner] if key in INSTANCE_ATTRIBUTES else cls
         assert hasattr(target, attribute), key
+
+
+# -- non-finite gradients without a loss scaler ---------------------------------------------------
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+@pytest.mark.parametrize("name", ["ew", "uw", "two_step", "sel_update"])
+def test_infinite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path, name, max_grad_norm):
+    model, data, tasks = setup(name)
+    model.heads["b"].weight.register_hook(lambda grad: grad * math.inf)  # task b's gradient only
+    before = snapshot(model)
+    args = make_args(tmp_path, optim="adamw_torch", max_grad_norm=max_grad_norm)
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy=make_strategy(name, model, tasks),
+                               tasks=tasks)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients? for tasks \['b'\]"):
+        trainer.train()
+    after = snapshot(model)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert same({k: v for k, v in after.items() if k.startswith("heads.b")},
+                {k: v for k, v in before.items() if k.startswith("heads.b")})
+    if name in ("ew", "uw"):  # one step per batch: it was not taken
+        assert same(after, before)
+        assert not any(trainer.optimizer.state[p] for p in model.parameters())

@@ -69,3 +69,27 @@ class LossProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
+class ScaledStepOutcome(TrainerCallback):
+    """Marks the Trainer's own optimizer step as skipped when the fp16 grad scaler lowered its scale
+    during it: accelerate's ``step_was_skipped`` misses the skip of fused optimizers (their step always
+    runs), which would advance the lr scheduler over a step that was not applied."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.scale: float | None = None
+
+    def _scaler(self):
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        scaler = self._scaler()
+        self.scale = scaler.get_scale() if scaler is not None else None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        scaler = self._scaler()
+        if self.scale is not None and scaler is not None and scaler.get_scale() < self.scale:
+            self.trainer.optimizer._is_overflow = True  # read by accelerator.optimizer_step_was_skipped
+        self.scale = None

@@ -30,6 +30,11 @@ PRIVATE_ATTRIBUTES: dict[str, str] = {
     "transformers.Trainer.model_accepts_loss_kwargs":
         "set to False after Trainer.__init__ (which infers it from forward's **kwargs): a multi-task forward "
         "takes labels as keyword arguments and must not receive num_items_in_batch",
+    "transformers.Trainer._load_best_model":
+        "overridden to restore the strategy state saved with the best checkpoint too (load_best_model_at_end)",
+    "accelerate.optimizer.AcceleratedOptimizer._is_overflow":
+        "what step_was_skipped (and so the Trainer's scheduler step) reads; set from the grad scaler's scale "
+        "after each step, since accelerate misses the skip of fused optimizers on an fp16 overflow",
     "accelerate.state.GradientState._set_sync_gradients":
         "when the strategy already took the batch's last step, the loop's optimizer step must not move "
         "anything: sync_gradients is switched off for that step and restored after train()",
@@ -37,4 +42,5 @@ PRIVATE_ATTRIBUTES: dict[str, str] = {
 
 #: Entries of :data:`PRIVATE_ATTRIBUTES` that exist on instances only (set in ``__init__`` or the loop).
 INSTANCE_ATTRIBUTES = ("transformers.Trainer._signature_columns", "transformers.Trainer.model_accepts_loss_kwargs",
-                       "transformers.Trainer.current_gradient_accumulation_steps")
+                       "transformers.Trainer.current_gradient_accumulation_steps",
+                       "accelerate.optimizer.AcceleratedOptimizer._is_overflow")

@@ -11,22 +11,32 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.training_args import ParallelMode
 
 from mtl_plugins.loss_weights import strategy_for_model
 from mtl_plugins.param_groups import parameter_groups
 from mtl_plugins.registry import check_tasks
-from mtl_plugins.strategies.base import Strategy
+from mtl_plugins.strategies.base import NonFiniteGradientError, Strategy, name_gradient_tasks
 
 from .arguments import MultiTaskTrainingArguments
-from .checkpoint import check_checkpointable, load_strategy_state, save_strategy_state
+from .callbacks import ScaledStepOutcome
+from .checkpoint import (
+    TRAINER_STATE_NAME,
+    IncompleteCheckpointError,
+    check_checkpointable,
+    check_model_layout,
+    last_complete_checkpoint,
+    load_strategy_state,
+    save_strategy_state,
+)
 from .distributed import all_reduce_mean_
 from .updater import AcceleratedUpdater
 
@@ -95,6 +105,7 @@ class MultiTaskTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("MultiTaskTrainer supports single-process and DDP training, not DeepSpeed or FSDP")
         self._check_accumulation()
+        self.add_callback(ScaledStepOutcome(self))
         if self.args.save_strategy != "no":
             check_checkpointable(self.strategy)
         self.model_accepts_loss_kwargs = False  # the model's forward gets the batch only
@@ -193,13 +204,22 @@ class MultiTaskTrainer(Trainer):
     # -- training -------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
-        """``Trainer.train``; resuming also restores the strategy state saved with the checkpoint."""
+        """``Trainer.train``; resuming also restores the strategy state saved with the checkpoint.
+
+        ``resume_from_checkpoint=True`` takes the newest complete checkpoint of ``output_dir``, skipping
+        (with a warning) any whose save was interrupted; a checkpoint saved from a model with another
+        layout is refused with the parameters that differ."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in output directory {self.args.output_dir!r}")
+                raise ValueError(f"no complete checkpoint found in output directory {self.args.output_dir!r}")
         if resume_from_checkpoint:
-            load_strategy_state(self.strategy, resume_from_checkpoint)
+            if not (Path(resume_from_checkpoint) / TRAINER_STATE_NAME).is_file():
+                raise IncompleteCheckpointError(
+                    f"cannot resume from checkpoint {str(resume_from_checkpoint)!r}: it has no {TRAINER_STATE_NAME} "
+                    "(written last, so its save was interrupted)")
+            check_model_layout(self.model, resume_from_checkpoint)
+            load_strategy_state(self.strategy, resume_from_checkpoint)  # names a missing or corrupt state file
         self.updater = None
         self._task_loss_sum.zero_()
         self._task_loss_count = 0
@@ -265,8 +285,13 @@ class MultiTaskTrainer(Trainer):
         divisor = self.current_gradient_accumulation_steps if self.args.gradient_accumulation_steps > 1 else 1
         updater.begin_batch(divisor)
         self.strategy.set_progress(self.training_progress(), epoch=math.floor(self.state.epoch or 0.0))
+        closure = self._closure(model, inputs)
         with self.accelerator.no_sync(model):
-            losses = self.strategy.step(self._closure(model, inputs), updater)
+            try:
+                losses = self.strategy.step(closure, updater)
+            except NonFiniteGradientError as error:
+                raise name_gradient_tasks(error, closure, self.tasks, updater.params,
+                                          f"{self.strategy.name} at step {self.state.global_step}: ") from error
         if not updater.deferred:
             # No final step is left: the loop's optimizer step must not move anything.
             updater.zero_grad()
@@ -277,13 +302,17 @@ class MultiTaskTrainer(Trainer):
         weights = torch.tensor([self.strategy.loss_weights[t] for t in self.tasks], dtype=torch.float64)
         return ((values * weights).sum() / divisor).to(device=self.args.device, dtype=torch.float32)
 
+    def _norm_taken_inside(self) -> bool:
+        """True when the updater already clipped (or stepped) this batch: its norm is the one to log."""
+        return self.updater is not None and (not self.updater.deferred or self.updater.clipped_deferred)
+
     def _clip_grad_norm(self, model: nn.Module):
-        if self.updater is not None and not self.updater.deferred:
-            return self.updater.last_grad_norm  # every step of the batch was taken (and clipped) inside
+        if self._norm_taken_inside():
+            return self.updater.last_grad_norm
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
-        if grad_norm is None and self.updater is not None and not self.updater.deferred:
+        if grad_norm is None and self._norm_taken_inside():
             return self.updater.last_grad_norm
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
@@ -397,6 +426,11 @@ class MultiTaskTrainer(Trainer):
                                  **card_fields)
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _load_best_model(self) -> None:
+        """``Trainer._load_best_model``, and the strategy state saved with that checkpoint."""
+        super()._load_best_model()
+        load_strategy_state(self.strategy, self.state.best_model_checkpoint)
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Write the strategy state first, so a checkpoint with a trainer state is always complete."""
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

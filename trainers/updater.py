@@ -3,9 +3,15 @@
 Inner steps (``step(final=False)``) happen at once: accelerate's backward (fp16 loss scaling),
 gradient clipping at ``max_grad_norm``, the optimizer step (skipped by the grad scaler on an fp16
 overflow). The batch's final step (``step(final=True)``) is deferred to the Trainer's own loop,
-so the lr scheduler, ``grad_norm`` logging and optimizer callbacks advance once per batch. A
+so the lr scheduler, ``grad_norm`` logging and optimizer callbacks advance once per batch (its
+gradients are clipped here, when it is deferred, and the Trainer's loop reuses that norm). A
 strategy with ``needs_step_outcome`` reads whether that step was applied: its final step is then
 taken at once, like an inner step, and the Trainer's own step becomes a no-op.
+
+Faults: a step is skipped on an fp16 overflow when the grad scaler lowers its scale (read from the
+scaler, since accelerate's ``step_was_skipped`` misses the skip of fused optimizers). Without a
+loss scaler, a NaN/infinite gradient norm raises
+:class:`~mtl_plugins.strategies.base.NonFiniteGradientError` before any step.
 
 Distributed training: the strategy runs under DDP's ``no_sync``, so DDP's reducer (which expects
 a gradient for every parameter that reaches the forward output) is bypassed. Instead every
@@ -24,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtl_plugins.strategies.base import Updater
+from mtl_plugins.strategies.base import Updater, check_gradient_norm, gradient_norm
 
 from .distributed import all_reduce_mean_, average_gradients_, broadcast_buffers, broadcast_object
 
@@ -50,8 +56,10 @@ class AcceleratedUpdater(Updater):
         self.loss_divisor = 1.0
         #: True when the batch's final step was left to the Trainer's loop.
         self.deferred = False
-        #: Gradient norm (before clipping) of the last step taken here, or None.
+        #: Gradient norm (before clipping) of the last step taken or deferred here, or None.
         self.last_grad_norm: Tensor | None = None
+        #: True when the deferred final step's gradients were clipped here (norm in ``last_grad_norm``).
+        self.clipped_deferred = False
         #: Optimizer steps skipped (fp16 overflow) inside batches.
         self.skipped_steps = 0
 
@@ -60,6 +68,7 @@ class AcceleratedUpdater(Updater):
         self.loss_divisor = float(loss_divisor)
         self.deferred = False
         self.last_grad_norm = None
+        self.clipped_deferred = False
 
     def zero_grad(self) -> None:
         if self.accumulation_steps > 1:
@@ -72,18 +81,38 @@ class AcceleratedUpdater(Updater):
         average_gradients_(self.params)
 
     def step(self, final: bool = False) -> bool:
+        scaler = self.scaler
         if final and self.defer_final:
             self.deferred = True
+            if self.accumulation_steps == 1:  # the Trainer's loop steps on exactly these gradients
+                self.last_grad_norm = self._clip(self.max_grad_norm or float("inf"))
+                self.clipped_deferred = True
+                norm = self.last_grad_norm
+            else:  # accumulating: the Trainer clips the sum later; only check this batch's share
+                norm = gradient_norm(self.params) if scaler is None else None
+            if scaler is None:
+                check_gradient_norm(norm)
             return True
         self.deferred = False
         if self.max_grad_norm is not None:
-            self.last_grad_norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.last_grad_norm = self._clip(self.max_grad_norm)
         elif final:  # the norm the Trainer would have logged for its own step
-            self.last_grad_norm = self.accelerator.clip_grad_norm_(self.params, float("inf"))
-        self.optimizer.step()
-        skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
+            self.last_grad_norm = self._clip(float("inf"))
+        if scaler is None:  # an fp16 scaler skips non-finite steps itself
+            check_gradient_norm(self.last_grad_norm if self.last_grad_norm is not None else gradient_norm(self.params))
+            self.optimizer.step()
+            skipped = False
+        else:
+            scale = scaler.get_scale()
+            self.optimizer.step()
+            skipped = scaler.get_scale() < scale  # backed off: found inf/NaN, whatever the optimizer
+            if hasattr(self.optimizer, "_is_overflow"):
+                self.optimizer._is_overflow = skipped  # what the Trainer's loop reads for its scheduler
         self.skipped_steps += int(skipped)
         return not skipped
+
+    def _clip(self, max_norm: float) -> Tensor:
+        return self.accelerator.clip_grad_norm_(self.params, max_norm)
 
     def reduce_(self, tensors: Sequence[Tensor]) -> None:
         all_reduce_mean_(list(tensors))
@@ -92,9 +121,15 @@ class AcceleratedUpdater(Updater):
         return broadcast_object(value)
 
     @property
-    def loss_scale(self) -> float:
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The accelerator's enabled fp16 grad scaler, or None."""
         scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    @property
+    def loss_scale(self) -> float:
+        scaler = self.scaler
+        return float(scaler.get_scale()) if scaler is not None else 1.0
 
     @staticmethod
     def sync_buffers(module: nn.Module) -> None:

@@ -4,7 +4,13 @@ Optional dependencies (torchjd) are imported when a strategy that needs them is 
 module here imports with the core dependencies only.
 """
 
-from . import aggregators, conn_strength, ew, sel_update, weightings  # noqa: F401  (registration)
-from .base import NonFiniteLossError, Strategy, Updater, WeightingStrategy
+from . import aggregators, conn_strength, ew, sel_update, weightings
+from .base import (
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    Strategy,
+    Updater,
+    WeightingStrategy,
+)
 
-__all__ = ["NonFiniteLossError", "Strategy", "Updater", "WeightingStrategy"]
+__all__ = ["NonFiniteGradientError", "NonFiniteLossError", "Strategy", "Updater", "WeightingStrategy"]

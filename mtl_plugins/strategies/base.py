@@ -30,6 +30,52 @@ class NonFiniteLossError(FloatingPointError):
     """A task loss is NaN or infinite."""
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient is NaN or infinite (without a loss scaler that would skip the step); raised before
+    the optimizer step, so the model is not updated. ``tasks`` names the culprits once identified."""
+
+    def __init__(self, message: str, tasks: Sequence[str] | None = None):
+        super().__init__(message)
+        self.tasks = None if tasks is None else list(tasks)
+
+
+def gradient_norm(params: Iterable[Tensor]) -> Tensor:
+    """Total 2-norm of the gradients of ``params`` (one fused pass; 0 without gradients)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def check_gradient_norm(norm: Tensor | float) -> None:
+    """Raise :class:`NonFiniteGradientError` if the total gradient norm is NaN or infinite."""
+    value = float(norm)
+    if not math.isfinite(value):
+        raise NonFiniteGradientError(f"non-finite gradient (total norm {value}): the optimizer step was not taken "
+                                     "and the model was not updated")
+
+
+def non_finite_gradient_tasks(closure: Closure, tasks: Sequence[str], params: Sequence[Tensor]) -> list[str]:
+    """Tasks whose own loss has a NaN/infinite gradient on a fresh forward pass (for error messages)."""
+    trainable = [p for p in params if p.requires_grad]
+    losses = closure()
+    bad = []
+    for task in tasks:
+        grads = torch.autograd.grad(losses[task], trainable, retain_graph=True, allow_unused=True)
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            bad.append(task)
+    return bad
+
+
+def name_gradient_tasks(error: NonFiniteGradientError, closure: Closure, tasks: Sequence[str],
+                        params: Sequence[Tensor], where: str = "") -> NonFiniteGradientError:
+    """``error`` restated with the tasks whose gradient is non-finite (found on a fresh forward pass)."""
+    if error.tasks is not None:
+        return error
+    bad = non_finite_gradient_tasks(closure, tasks, params)
+    named = f"tasks {bad}" if bad else f"one of tasks {list(tasks)} (not reproduced task by task)"
+    return NonFiniteGradientError(f"{where}non-finite gradient for {named}: the optimizer step was not taken and "
+                                  "the model was not updated", tasks=bad)
+
+
 class Updater:
     """Applies updates for a strategy: clear gradients, backward, optimizer step.
 
@@ -59,9 +105,14 @@ class Updater:
         loss.backward(retain_graph=retain_graph)
 
     def step(self, final: bool = False) -> bool:
-        """One optimizer step; ``final`` marks the batch's last update. Returns False if skipped."""
+        """One optimizer step; ``final`` marks the batch's last update. Returns False if skipped.
+
+        Raises :class:`NonFiniteGradientError` before stepping if a gradient is NaN or infinite."""
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        else:
+            norm = gradient_norm(self.params)
+        check_gradient_norm(norm)
         self.optimizer.step()
         return True
 
@@ -148,6 +199,9 @@ class Strategy:
         if unknown:
             raise ValueError(f"loss_weights names unknown tasks {unknown}; tasks are {self.tasks}")
         self.loss_weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
+        bad = {t: w for t, w in self.loss_weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ValueError(f"loss_weights must be finite and non-negative, got {bad}")
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.num_steps = 0
@@ -285,6 +339,9 @@ class WeightingStrategy(Strategy):
         values = losses_to_floats(losses, self.tasks)
         updater.zero_grad()
         self.backward(losses, updater=updater)
-        updater.step(final=True)
+        try:
+            updater.step(final=True)
+        except NonFiniteGradientError as error:
+            raise name_gradient_tasks(error, closure, self.tasks, updater.params, f"{self.name}: ") from error
         self.num_steps += 1
         return dict(zip(self.tasks, values))

@@ -10,9 +10,13 @@ With ``loss_scaling`` (:mod:`~mtl_plugins.strategies.loss_scaling`) a group's lo
 per-task losses ``L_t`` (``lambda`` and ``w`` are constant within a batch, so ``1 - L'_t / L_t`` does
 not change with them).
 
-Non-finite losses: the batch's losses are read once, at its end; if any is NaN or infinite,
-:class:`NonFiniteLossError` is raised before the affinity, groups, history or counters change (the
-batch's optimizer steps have already been applied, so training must resume from a checkpoint).
+Non-finite values: a NaN or infinite group loss gives a non-finite gradient, which the updater
+refuses before the step (or a loss scaler skips); that group's losses are then read and
+:class:`NonFiniteLossError` is raised, so the model and optimizer keep their state from before the
+bad step (a finite loss with a non-finite gradient raises :class:`NonFiniteGradientError`). The
+losses of the other passes are read once, at the batch's end. Either way the affinity, groups,
+history and counters are left unchanged (earlier group steps of the batch, counted in the message,
+stay applied).
 """
 
 from __future__ import annotations
@@ -41,7 +45,15 @@ from ..grouping import (
     choose_groups,
 )
 from ..registry import register_strategy
-from .base import Closure, NonFiniteLossError, Strategy, Updater, as_updater
+from .base import (
+    Closure,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    Strategy,
+    Updater,
+    as_updater,
+    name_gradient_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -210,14 +222,23 @@ class SelectiveGroupUpdate(Strategy):
             updater.backward(loss)
             if not self.freeze_idle_tasks:
                 self._zero_fill_gradients(updater)
-            applied.append(bool(updater.step(final=j == len(order) - 1 and not self.measure_last)))
+            try:
+                done = bool(updater.step(final=j == len(order) - 1 and not self.measure_last))
+            except NonFiniteGradientError as error:  # a non-finite group loss ends here, before the step
+                self._check_pass(passes[-1], j, order, step, updater)
+                where = f"sel_update batch {step}, group {group} (forward pass {j}, {j} earlier group steps applied): "
+                raise name_gradient_tasks(error, closure, group, updater.params, where) from error
+            if not done:  # skipped by a loss scaler: stop if this pass's losses were the cause
+                self._check_pass(passes[-1], j, order, step, updater)
+            applied.append(done)
         if self.measure_last:
             with torch.no_grad():
                 passes.append(self._loss_vector(closure()))
         values = torch.stack(passes)
         updater.reduce_([values])
         rows: list[list[float]] = values.tolist()  # the batch's one host synchronisation
-        self._check_finite(rows, order, step)
+        for j, row in enumerate(rows):
+            self._check_finite(row, j, order, step)
 
         index = {t: i for i, t in enumerate(self.tasks)}
         for before, after, group in self._measurements(rows, order, applied):
@@ -284,13 +305,26 @@ class SelectiveGroupUpdate(Strategy):
             raise RuntimeError("sel_update needs zero_grad() to set gradients to None: zero-filled gradients let "
                                "Adam's momentum and weight decay move the parameters of tasks outside the group")
 
-    def _check_finite(self, rows: list[list[float]], order: list[list[str]], step: int) -> None:
-        for j, row in enumerate(rows):
-            bad = [t for t, v in zip(self.tasks, row) if not math.isfinite(v)]
-            if bad:
-                where = f"before updating group {order[j]}" if j < len(order) else "after the last group step"
-                raise NonFiniteLossError(f"sel_update step {step}: non-finite loss for tasks {bad} in forward pass {j} "
-                                         f"({where}): {dict(zip(self.tasks, row))}; the affinity was not updated")
+    def _check_pass(self, values: Tensor, j: int, order: list[list[str]], step: int, updater: Updater) -> None:
+        """After a failed or skipped step (rare): check forward pass ``j``'s losses, averaged over processes."""
+        values = values.clone()
+        updater.reduce_([values])
+        self._check_finite(values.tolist(), j, order, step, stopped=True)
+
+    def _check_finite(self, row: list[float], j: int, order: list[list[str]], step: int, stopped: bool = False) -> None:
+        """Raise :class:`NonFiniteLossError` if forward pass ``j``'s losses hold a NaN or inf; ``stopped``:
+        group ``j``'s step was not taken."""
+        bad = [t for t, v in zip(self.tasks, row) if not math.isfinite(v)]
+        if not bad:
+            return
+        if stopped:
+            where = (f"before updating group {order[j]}: that step was not taken, so the model and optimizer were "
+                     f"not updated by it ({j} earlier group steps of this batch were applied)")
+        else:
+            where = (f"before updating group {order[j]}" if j < len(order) else "after the last group step") + \
+                    "; the batch's group steps were applied"
+        raise NonFiniteLossError(f"sel_update batch {step}: non-finite loss for tasks {bad} in forward pass {j} "
+                                 f"({where}): {dict(zip(self.tasks, row))}; the affinity was not updated")
 
     # -- reporting ------------------------------------------------------------------------------
     def log_metrics(self) -> dict[str, float]:
