@@ -1,13 +1,15 @@
 """Tiny models, data and test strategies for the trainer tests, and a 2-process DDP worker.
 
 Run by tests/test_trainer_ddp.py as
-``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT STRATEGY...``;
-each rank trains every listed strategy and saves its parameters, buffers and strategy state to
-``OUT/rank<r>.pt`` (and, for ``ew``, the metrics of the trained model evaluated on both processes).
+``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT STRATEGY...``
+(``STRATEGY@LAYOUT`` for a setting of ``LAYOUTS``); each rank trains every listed strategy and
+saves its parameters, buffers and strategy state to ``OUT/rank<r>.pt`` (and, for ``ew``, the
+metrics of the trained model evaluated on both processes).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -37,7 +39,13 @@ VARIANTS = {"conn_strength_phase2": ("conn_strength", {"schedule": "phase2"}),
             # composed with a loss weighting (the loss_scaling option)
             "sel_update+uw": ("sel_update", {"loss_scaling": {"name": "uw", "options": {"lr": 0.05}}}),
             "pcgrad+dwa": ("pcgrad", {"loss_scaling": {"name": "dwa", "options": {"steps_per_epoch": 1}}}),
-            "conn_strength+famo": ("conn_strength", {"loss_scaling": "famo"})}
+            "conn_strength+famo": ("conn_strength", {"loss_scaling": "famo"}),
+            "dwa_epochs": ("dwa", {"steps_per_epoch": None})}  # epochs from the trainer
+#: Data-parallel settings, as ``STRATEGY@LAYOUT``: (training options, rows of vector data, steps).
+#: ``ragged``: 36 rows in batches of 4 are 9 batches, 5 on rank 0 and 4 on rank 1, so the ranks
+#: count epochs differently; ``no_buffers``: each rank keeps its own BatchNorm statistics.
+LAYOUTS = {"ragged": ({"accelerator_config": {"even_batches": False}}, 36, 12),
+           "no_buffers": ({"ddp_broadcast_buffers": False}, 64, 12)}
 #: The strategies written in this file.
 LOCAL = ("two_step", "measure_last", "per_task")
 
@@ -178,7 +186,7 @@ def make_strategy(name: str, model: nn.Module, tasks: Sequence[str]) -> Strategy
     if name == "per_task":
         return PerTaskProjection(tasks)
     registered, extra = VARIANTS.get(name, (name, {}))
-    return mtl_plugins.build_strategy(registered, tasks, **strategy_options(registered, model), **extra)
+    return mtl_plugins.build_strategy(registered, tasks, **{**strategy_options(registered, model), **extra})
 
 
 def setup(name: str):
@@ -211,13 +219,18 @@ def ddp_args(output_dir: str, batch_size: int, steps: int, **overrides):
 
 
 def train_one(name: str, output_dir: str, batch_size: int, steps: int):
-    """Train strategy ``name`` (vector model, or the digits CNN for registered strategies)."""
+    """Train strategy ``name`` (vector model, or the digits CNN for registered strategies); a name
+    ``STRATEGY@LAYOUT`` trains with the data-parallel setting ``LAYOUTS[LAYOUT]``."""
     from mtl_plugins.trainers import MultiTaskTrainer
 
+    name, _, layout = name.partition("@")
+    options, rows, layout_steps = LAYOUTS.get(layout, ({}, None, steps))
     model, data, tasks = setup(name)
+    if rows is not None and VARIANTS.get(name, (name, {}))[0] not in ARCHITECTURE_FOR:
+        data = vector_data(rows)
     strategy = make_strategy(name, model, tasks)
-    trainer = MultiTaskTrainer(model=model, args=ddp_args(output_dir, batch_size, steps), train_dataset=data,
-                               strategy=strategy, tasks=tasks)
+    trainer = MultiTaskTrainer(model=model, args=ddp_args(output_dir, batch_size, layout_steps, **copy.deepcopy(options)),
+                               train_dataset=data, strategy=strategy, tasks=tasks)
     trainer.train()
     return trainer
 

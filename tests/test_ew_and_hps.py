@@ -113,3 +113,14 @@ def test_parameter_groups_scale_task_specific_lr():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for h in model.heads.values() for p in h.parameters()}
     with pytest.raises(ValueError, match="lr_ts"):
         parameter_groups(model, lr=0.1, lr_ts=0)
+
+
+def test_infinite_gradient_in_a_plain_loop_stops_ew_before_the_step():
+    model = tiny_model()
+    model.heads["cls"].weight.register_hook(lambda grad: grad * float("inf"))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(FloatingPointError, match=r"ew: non-finite gradient for tasks \['cls'\]: the optimizer step "
+                                                 r"was not taken"):
+        mtl_plugins.build_strategy("ew", TASKS).step(make_closure(model, batch()), optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not optimizer.state

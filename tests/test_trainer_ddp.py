@@ -106,3 +106,33 @@ def test_mtl_train_on_two_processes_writes_one_set_of_outputs(tmp_path):
     records = [r for r in records if r.get("split") != "validation"]  # the training logs
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"model.safetensors", "loss_curves.png", "config.yaml"} <= {p.name for p in out.iterdir()}
+
+
+#: Ragged shards (ranks count epochs differently) and per-rank BatchNorm statistics.
+LAYOUT_NAMES = ["dwa_epochs@ragged", "two_step@ragged", "sel_update@ragged", "conn_strength_phase2@no_buffers",
+                "conn_strength@no_buffers"]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_layouts")
+    torchrun(str(WORKER), str(out), *LAYOUT_NAMES, cwd=out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("name", LAYOUT_NAMES)
+def test_ranks_agree_with_ragged_shards_or_own_batchnorm_statistics(layouts, name):
+    rank0, rank1 = layouts[0][name], layouts[1][name]
+    own_statistics = name.endswith("@no_buffers")
+    # parameters always agree; buffers (BatchNorm statistics) are each rank's own without broadcasting
+    params = {k for k in rank0["model"] if not (own_statistics and ("running_" in k or "num_batches" in k))}
+    assert same({k: rank0["model"][k] for k in params}, {k: rank1["model"][k] for k in params})
+    # the priority timeline (for logs) reads each rank's own statistics; the rest of the state agrees
+    state0, state1 = ({k: v for k, v in s["strategy"].items() if not (own_statistics and k == "timeline")}
+                      for s in (rank0, rank1))
+    assert same(state0, state1)
+    if name.startswith("dwa"):
+        assert len(state0["epoch_averages"]) == 2  # two epochs closed: the weights moved off 1
+    if not own_statistics:  # (those logs hold each rank's own priority shares)
+        logs = [[{k: v for k, v in e.items() if k != "epoch"} for e in r["log"] if "loss" in e] for r in (rank0, rank1)]
+        assert logs[0] and logs[0] == logs[1]

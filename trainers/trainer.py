@@ -255,7 +255,8 @@ class MultiTaskTrainer(Trainer):
         if self.updater is None or self.updater.optimizer is not self.optimizer:
             self.updater = AcceleratedUpdater(self.accelerator, self.optimizer, self.args.max_grad_norm,
                                               self.args.gradient_accumulation_steps,
-                                              defer_final=not self.strategy.needs_step_outcome)
+                                              defer_final=not self.strategy.needs_step_outcome,
+                                              buffers_shared=self.args.ddp_broadcast_buffers is not False)
         return self.updater
 
     def _closure(self, model: nn.Module, inputs: dict[str, Any]):
@@ -284,7 +285,12 @@ class MultiTaskTrainer(Trainer):
         updater = self._get_updater()
         divisor = self.current_gradient_accumulation_steps if self.args.gradient_accumulation_steps > 1 else 1
         updater.begin_batch(divisor)
-        self.strategy.set_progress(self.training_progress(), epoch=math.floor(self.state.epoch or 0.0))
+        progress, epoch = self.training_progress(), math.floor(self.state.epoch or 0.0)
+        if not self.accelerator.even_batches:
+            # Ragged shards: each process counts epochs over its own number of batches, so every
+            # strategy gets the main process's progress and epoch (else epoch-based state diverges).
+            progress, epoch = updater.agree((progress, epoch))
+        self.strategy.set_progress(progress, epoch=epoch)
         closure = self._closure(model, inputs)
         with self.accelerator.no_sync(model):
             try:

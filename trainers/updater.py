@@ -47,11 +47,14 @@ class AcceleratedUpdater(Updater):
     averages_gradients = True  # every backward is followed by one all-reduce of its gradients
 
     def __init__(self, accelerator: Any, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
-                 accumulation_steps: int = 1, defer_final: bool = True):
-        super().__init__(optimizer, max_grad_norm if max_grad_norm and max_grad_norm > 0 else None)
+                 accumulation_steps: int = 1, defer_final: bool = True, buffers_shared: bool = True):
+        super().__init__(optimizer, max_grad_norm if max_grad_norm and max_grad_norm > 0 else None, check_finite=True)
         self.accelerator = accelerator
         self.accumulation_steps = int(accumulation_steps)
         self.defer_final = bool(defer_final)
+        #: False when each process keeps its own buffers (``ddp_broadcast_buffers=False``): strategies
+        #: that read BatchNorm statistics take the main process's decisions (``agree``).
+        self.buffers_shared = bool(buffers_shared)
         #: Divisor of every backward loss in the current batch (the Trainer's accumulation count).
         self.loss_divisor = 1.0
         #: True when the batch's final step was left to the Trainer's loop.

@@ -4,7 +4,7 @@ Optional dependencies (torchjd) are imported when a strategy that needs them is 
 module here imports with the core dependencies only.
 """
 
-from . import aggregators, conn_strength, ew, sel_update, weightings
+from . import aggregators, conn_strength, ew, sel_update, weightings  # noqa: F401  (registration)
 from .base import (
     NonFiniteGradientError,
     NonFiniteLossError,

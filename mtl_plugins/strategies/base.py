@@ -87,9 +87,13 @@ class Updater:
     #: not :meth:`reduce_` the gradients they read (a single process needs nothing either way).
     averages_gradients: bool = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
+                 check_finite: bool = False):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        #: True when :meth:`step` itself refuses NaN/infinite gradients (one host read per step);
+        #: otherwise strategies check them within their own host read where they can.
+        self.check_finite = check_finite
 
     @property
     def params(self) -> list[Tensor]:
@@ -107,12 +111,13 @@ class Updater:
     def step(self, final: bool = False) -> bool:
         """One optimizer step; ``final`` marks the batch's last update. Returns False if skipped.
 
-        Raises :class:`NonFiniteGradientError` before stepping if a gradient is NaN or infinite."""
+        With ``check_finite``, raises :class:`NonFiniteGradientError` before stepping if a gradient
+        is NaN or infinite."""
+        norm = None
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        else:
-            norm = gradient_norm(self.params)
-        check_gradient_norm(norm)
+        if self.check_finite:
+            check_gradient_norm(norm if norm is not None else gradient_norm(self.params))
         self.optimizer.step()
         return True
 
@@ -127,6 +132,12 @@ class Updater:
     def loss_scale(self) -> float:
         """Current loss scale of the backward pass (1.0 without fp16 scaling)."""
         return 1.0
+
+
+def checks_own_gradients(updater: Updater) -> bool:
+    """True when a strategy should check the gradients itself before a step: no loss scaler (which
+    would skip a non-finite step) and an updater that does not check them."""
+    return updater.loss_scale == 1.0 and not getattr(updater, "check_finite", False)
 
 
 def as_updater(optimizer: torch.optim.Optimizer | Updater) -> Updater:
@@ -336,10 +347,17 @@ class WeightingStrategy(Strategy):
     def step(self, closure: Closure, optimizer: torch.optim.Optimizer | Updater) -> dict[str, float]:
         updater = as_updater(optimizer)
         losses = closure()
-        values = losses_to_floats(losses, self.tasks)
+        check_losses(losses, self.tasks)
         updater.zero_grad()
         self.backward(losses, updater=updater)
+        stacked = torch.stack([losses[t].detach().float().reshape(()) for t in self.tasks])
+        own_check = checks_own_gradients(updater)
+        host = to_host(stacked, gradient_norm(updater.params).reshape(1).to(stacked.device)) if own_check \
+            else to_host(stacked)  # the step's one host read: losses (and gradient norm) before the step
+        values = check_finite_losses(host[0].tolist(), self.tasks)
         try:
+            if own_check:
+                check_gradient_norm(host[1][0])
             updater.step(final=True)
         except NonFiniteGradientError as error:
             raise name_gradient_tasks(error, closure, self.tasks, updater.params, f"{self.name}: ") from error

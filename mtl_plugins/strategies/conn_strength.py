@@ -245,16 +245,26 @@ class ConnectionStrength(Strategy):
         if not updater.averages_gradients:
             self._reduce_gradients(updater, per_task)
         with torch.no_grad():
-            for layer, grads in zip(self.layers, per_task):
-                if grads is None:
-                    continue
-                if self.incomplete_norms == "released" and not layer.connection.complete:
-                    combined = grads.sum(0)  # the released core finds no per-task BatchNorm weight: plain sum
-                else:
-                    combined = combine_flat(grads, top_priority_task(layer_strength(layer, self.tasks)))
+            used = [(layer, grads) for layer, grads in zip(self.layers, per_task) if grads is not None]
+            plain = [self.incomplete_norms == "released" and not layer.connection.complete for layer, _ in used]
+            tops = self._agreed_priorities(updater, [top_priority_task(layer_strength(layer, self.tasks))
+                                                     for (layer, _), summed in zip(used, plain) if not summed])
+            for (layer, grads), summed in zip(used, plain):
+                # the released core finds no per-task BatchNorm weight in an incomplete layer: plain sum
+                combined = grads.sum(0) if summed else combine_flat(grads, tops.pop(0))
                 layer.weight.grad.copy_(combined.view_as(layer.weight))  # type: ignore[union-attr]
         updater.step(final=True)
         return values
+
+    @staticmethod
+    def _agreed_priorities(updater: Updater, tops: list[Tensor]) -> list[Tensor]:
+        """Each channel's top-priority task, the main process's on every process when the processes keep
+        their own BatchNorm statistics (``updater.buffers_shared`` False, e.g. ``ddp_broadcast_buffers=False``):
+        the strengths read the running variances, so they would rank the channels differently."""
+        if getattr(updater, "buffers_shared", True) or not tops:
+            return tops
+        agreed = updater.agree(torch.cat(tops).cpu())
+        return [t.to(top.device) for t, top in zip(agreed.split([len(top) for top in tops]), tops)]
 
     def _reduce_gradients(self, updater: Updater, per_task: Sequence[Tensor | None]) -> None:
         """Average across processes, in one ``reduce_``, the connected layers' per-task gradients and

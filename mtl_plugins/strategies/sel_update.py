@@ -52,6 +52,9 @@ from .base import (
     Strategy,
     Updater,
     as_updater,
+    check_gradient_norm,
+    checks_own_gradients,
+    gradient_norm,
     name_gradient_tasks,
 )
 
@@ -223,6 +226,8 @@ class SelectiveGroupUpdate(Strategy):
             if not self.freeze_idle_tasks:
                 self._zero_fill_gradients(updater)
             try:
+                if checks_own_gradients(updater):
+                    check_gradient_norm(gradient_norm(updater.params))
                 done = bool(updater.step(final=j == len(order) - 1 and not self.measure_last))
             except NonFiniteGradientError as error:  # a non-finite group loss ends here, before the step
                 self._check_pass(passes[-1], j, order, step, updater)
