@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
+from mtl_plugins.architectures.base import check_task_names
 from mtl_plugins.losses import kind_losses
 from mtl_plugins.pretrained import hub_id, resolve_pretrained
 
@@ -69,9 +70,7 @@ def normalize_task(task: Mapping[str, Any], modality: str | None) -> dict[str, A
     name = task.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"task {dict(task)!r} needs a non-empty string 'name'")
-    if name in RESERVED_TASK_NAMES:
-        raise ValueError(f"task name {name!r} is taken by an argument of MultiTaskModel.forward "
-                         f"({', '.join(RESERVED_TASK_NAMES)}): rename the task")
+    check_task_names([name], RESERVED_TASK_NAMES, "MultiTaskModel")
     unknown = sorted(set(task) - set(TASK_KEYS))
     if unknown:
         raise ValueError(f"task {name!r}: unknown keys {unknown}; accepted: {list(TASK_KEYS)}")

@@ -31,9 +31,25 @@ def class_indices(target: Tensor) -> Tensor:
     return target.long()
 
 
+def checked_class_indices(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """``target`` as class indices after checking it against ``logits`` (class dim 1): shape ``B``
+    (``B x ...`` for maps and tokens) and every label in ``[0, C - 1]`` or ``ignore_index``."""
+    target = class_indices(target)
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        expected = tuple(logits.shape[:1] + logits.shape[2:])
+        raise ValueError(f"cross-entropy: labels of shape {tuple(target.shape)} do not match logits of shape "
+                         f"{tuple(logits.shape)}: expected class indices of shape {expected} (class dim 1)")
+    bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
+    if bad.any():
+        raise ValueError(f"cross-entropy: labels {sorted(target[bad].unique().tolist())} are outside [0, "
+                         f"{logits.shape[1] - 1}] (class ids of {logits.shape[1]} classes) and are not "
+                         f"ignore_index={ignore_index}")
+    return target
+
+
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy over labelled positions (class dim 1)."""
-    return F.cross_entropy(logits, class_indices(target), ignore_index=ignore_index)
+    """Mean cross-entropy over labelled positions (class dim 1); labels are checked first."""
+    return F.cross_entropy(logits, checked_class_indices(logits, target, ignore_index), ignore_index=ignore_index)
 
 
 def _regression_target(prediction: Tensor, target: Tensor, name: str) -> Tensor:
@@ -89,15 +105,8 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255
 
     Works for ``B x C`` sequence logits, ``B x C x T`` token logits and ``B x C x H x W`` maps.
     """
-    target = class_indices(target)
-    if target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"cross-entropy: labels of shape {tuple(target.shape)} do not match logits of shape "
-                         f"{tuple(logits.shape)} (class dim 1)")
+    target = checked_class_indices(logits, target, ignore_index)
     valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= logits.shape[1]))
-    if bad.any():
-        raise ValueError(f"cross-entropy: labels {sorted(target[bad].unique().tolist())} are outside "
-                         f"[0, {logits.shape[1] - 1}] and are not ignore_index={ignore_index}")
     per_position = F.cross_entropy(logits, torch.where(valid, target, 0), reduction="none")
     return _masked_mean(per_position, valid)
 

@@ -5,15 +5,18 @@ A plugin is a class or a function. Its leading positional arguments are fixed by
 task list for strategies and architectures; tasks and task specs for models; none for datasets);
 keyword options follow. Options are checked against the signature: unknown names (unless it takes
 ``**options``) and ill-typed values are rejected with an error that names the option and the
-accepted ones.
+accepted ones; NaN or infinite numbers (also inside lists and mappings such as ``loss_weights``) are
+rejected naming the option. Ranges are each plugin's own check, where the option is defined.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
@@ -62,6 +65,17 @@ def _matches(value: Any, annotation: Any) -> bool:
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """``path`` (extended to the offending entry) if ``value`` holds a NaN or infinite number, else None."""
+    if isinstance(value, numbers.Real):
+        return None if math.isfinite(value) else path
+    if isinstance(value, Mapping):
+        return next((bad for k, v in value.items() if (bad := _non_finite(v, f"{path}[{k!r}]"))), None)
+    if isinstance(value, (list, tuple)):
+        return next((bad for i, v in enumerate(value) if (bad := _non_finite(v, f"{path}[{i}]"))), None)
+    return None
 
 
 def _describe(annotation: Any) -> str:
@@ -143,7 +157,8 @@ class Registry:
         return options
 
     def check_options(self, name: str, options: dict[str, Any]) -> None:
-        """Raise ``TypeError`` naming the bad option and the accepted ones."""
+        """Raise ``TypeError`` naming the bad option and the accepted ones (``ValueError`` for a NaN or
+        infinite number)."""
         accepted = self.accepted_options(name)
         open_ended = any(p.kind == p.VAR_KEYWORD for p in self._parameters(name))
         hints = typing.get_type_hints(self._callable(name))
@@ -160,6 +175,10 @@ class Registry:
                 raise TypeError(
                     f"{self.kind} {self.resolve(name)!r}: option {key}={value!r} should be {_describe(annotation)}"
                 )
+            bad = _non_finite(value, key)
+            if bad is not None:
+                raise ValueError(f"{self.kind} {self.resolve(name)!r}: option {bad} must be a finite number "
+                                 f"(not NaN or infinite), got {value!r}")
 
     def build(self, name: str, *args: Any, **options: Any) -> Any:
         """Call plugin ``name`` with the registry's positional arguments after checking the options."""

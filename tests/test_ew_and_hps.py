@@ -124,3 +124,20 @@ def test_infinite_gradient_in_a_plain_loop_stops_ew_before_the_step():
                                                  r"was not taken"):
         mtl_plugins.build_strategy("ew", TASKS).step(make_closure(model, batch()), optimizer)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not optimizer.state
+
+
+def test_hps_label_errors_name_the_task_the_expected_labels_and_what_came():
+    model, b = tiny_model(), batch()
+    with pytest.raises(ValueError, match=r"task 'cls': .*labels of shape \(5, 1\) do not match logits of shape "
+                                         r"\(5, 3\): expected class indices of shape \(5,\)"):
+        model(x=b["x"], reg=b["reg"], cls=b["cls"].unsqueeze(1))
+    with pytest.raises(ValueError, match=r"task 'cls': .*labels \[3\] are outside \[0, 2\]"):
+        model(x=b["x"], reg=b["reg"], cls=torch.tensor([0, 1, 3, 2, 0]))
+
+
+@pytest.mark.parametrize("name", ["task", "labels", "x", "pixel_values"])
+def test_task_names_taken_by_forward_arguments_are_refused(name):
+    with pytest.raises(ValueError, match=f"task name '{name}' is taken by an argument of HPS.forward"):
+        HPS([name, "b"], encoder=nn.Identity(), heads={name: nn.Identity(), "b": nn.Identity()})
+    with pytest.raises(ValueError, match="task name 'images' is taken by an argument of HPS.forward"):
+        HPS(["images"], encoder=nn.Identity(), heads={"images": nn.Identity()}, input_name="images")

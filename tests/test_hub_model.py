@@ -353,6 +353,18 @@ def test_regression_label_shape_errors_name_the_task_and_both_shapes():
     assert model(input_ids=ids, score=torch.zeros(3, 1), pair=torch.zeros(3, 2)).loss is not None
 
 
+def test_class_label_errors_name_the_task_the_expected_labels_and_what_came():
+    tasks = [{"name": "sentiment", "kind": "sequence_classification", "num_outputs": 3}]
+    torch.manual_seed(0)
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=bert_config(), tasks=tasks)).eval()
+    ids = text_batch()["input_ids"]
+    with pytest.raises(ValueError, match=r"task 'sentiment': .*labels of shape \(3, 1\) do not match logits of shape "
+                                         r"\(3, 3\): expected class indices of shape \(3,\)"):
+        model(input_ids=ids, sentiment=torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"task 'sentiment': .*labels \[5\] are outside \[0, 2\]"):
+        model(input_ids=ids, sentiment=torch.tensor([0, 5, 2]))
+
+
 # -- task names that are forward arguments -------------------------------------------------------
 
 

@@ -195,3 +195,15 @@ def test_every_builtin_dataset_asks_for_a_loss_its_task_kinds_train_with():
              *nyud.TASKS.values(), *pascal_context.TASKS.values(), *taskonomy.TASKS.values()]
     for spec in specs:
         assert callable(loss_for_kind(spec.kind, spec.loss)), spec  # raises for a loss the kind lacks
+
+
+def test_cross_entropy_names_expected_label_shape_and_class_range():
+    logits = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 1\) do not match logits of shape \(4, 3\): "
+                                         r"expected class indices of shape \(4,\)"):
+        cross_entropy(logits, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels \[-2, 3\] are outside \[0, 2\]"):
+        cross_entropy(logits, torch.tensor([0, 3, -2, 1]))
+    # ignore_index stays allowed: the mean is over the other labels
+    expected = math.log(3.0)
+    assert cross_entropy(logits, torch.tensor([0, -100, 2, 1])).item() == pytest.approx(expected, rel=1e-6)

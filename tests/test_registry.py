@@ -117,3 +117,71 @@ def test_function_plugins_with_fixed_arguments_and_open_options():
         registry.build("pair", ["a"])
     with pytest.raises(ValueError, match="duplicate task names"):
         registry.build("pair", ["a", "a"], {})
+
+
+# -- option values: finite numbers, each option's own range -----------------------------------------
+
+
+def _float_options():
+    """(strategy, option) for every option of a registered strategy whose annotation admits a float."""
+    import typing
+
+    from mtl_plugins.registry import STRATEGIES, _matches
+
+    mtl_plugins.available_strategies()
+    found = []
+    for name in STRATEGIES.available():
+        hints = typing.get_type_hints(STRATEGIES._callable(name))
+        for option in STRATEGIES.accepted_options(name):
+            if option in hints and _matches(0.5, hints[option]) and option != "loss_weights":
+                found.append((name, option))
+    return found
+
+
+@pytest.mark.parametrize("name", mtl_plugins.available_strategies())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_weight_is_refused_naming_strategy_and_task(name, bad):
+    with pytest.raises(ValueError, match=rf"strategy '{name}': option loss_weights\['b'\] must be a finite number"):
+        mtl_plugins.build_strategy(name, ["a", "b"], loss_weights={"a": 1.0, "b": bad})
+
+
+def test_every_float_option_is_listed():
+    listed = set(_float_options())
+    assert {("cagrad", "c"), ("mgda", "epsilon"), ("nash_mtl", "max_norm"), ("dwa", "temperature"),
+            ("gradnorm", "alpha"), ("uw", "lr"), ("famo", "weight_decay")} <= listed
+
+
+@pytest.mark.parametrize("name, option", _float_options())
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_float_option_is_refused_naming_strategy_and_option(name, option, bad):
+    with pytest.raises(ValueError, match=rf"strategy '{name}': option {option} must be a finite number"):
+        mtl_plugins.build_strategy(name, ["a", "b"], **{option: bad})
+
+
+def test_non_finite_value_inside_a_nested_option_is_refused():
+    with pytest.raises(ValueError, match=r"option loss_scaling\['temperature'\] must be a finite number"):
+        mtl_plugins.build_strategy("sel_update", ["a", "b"], loss_scaling={"name": "dwa", "temperature": float("nan")})
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("cagrad", {"c": -0.1}, "cagrad: c must be non-negative"),
+    ("mgda", {"epsilon": -1e-5}, "mgda: epsilon must be non-negative"),
+    ("mgda", {"max_iters": 0}, "mgda: max_iters must be >= 1"),
+    ("nash_mtl", {"max_norm": -1.0}, "nash_mtl: max_norm must be non-negative"),
+    ("dwa", {"temperature": 0.0}, "dwa: temperature must be positive"),
+    ("gradnorm", {"alpha": -0.5}, "gradnorm: alpha must be non-negative"),
+    ("uw", {"lr": 0.0}, "uw: lr must be positive"),
+    ("famo", {"lr": -1.0}, "famo: lr must be positive"),
+    ("gradnorm", {"lr": 0.0}, "gradnorm: lr must be positive"),
+    ("ew", {"loss_weights": {"a": -1.0}}, "ew: loss_weights must be finite and non-negative"),
+    ("famo", {"loss_weights": {"a": 0.0}}, "famo needs positive loss weights"),
+    ("gls", {"loss_weights": {"a": 0.0}}, "gls needs positive loss weights"),
+    ("sel_update", {"loss_weights": {"a": 0.0}}, "sel_update needs positive loss weights"),
+])
+def test_out_of_range_option_is_refused_naming_strategy_and_option(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        mtl_plugins.build_strategy(name, ["a", "b"], **options)
+
+
+def test_zero_loss_weight_stays_allowed_where_the_method_takes_it():
+    assert mtl_plugins.build_strategy("ew", ["a", "b"], loss_weights={"a": 0.0}).loss_weights == {"a": 0.0, "b": 1.0}

@@ -9,7 +9,7 @@ their sum weighted by the model's static ``loss_weights``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -18,6 +18,14 @@ from torch import Tensor, nn
 from .task_connections import active_task, has_task_connections, task_connection_parameters
 
 F = TypeVar("F")
+
+
+def check_task_names(tasks: Sequence[str], forward_arguments: Sequence[str], model: str) -> None:
+    """Refuse task names taken by an argument of ``model``'s forward: such a task could not pass its labels."""
+    taken = [t for t in tasks if t in forward_arguments]
+    if taken:
+        raise ValueError(f"task name {taken[0]!r} is taken by an argument of {model}.forward "
+                         f"({', '.join(forward_arguments)}): rename the task")
 
 
 class MultiTaskMixin:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..losses import LossFn, get_loss
 from ..outputs import MultiTaskOutput
 from ..registry import register_architecture
-from .base import MultiTaskMixin
+from .base import MultiTaskMixin, check_task_names
 
 
 @register_architecture("hps", aliases=("HPS",))
@@ -50,6 +50,7 @@ class HPS(MultiTaskMixin, nn.Module):
             raise ValueError(f"loss_weights names unknown tasks {unknown}; tasks are {self.tasks}")
         self._loss_weights = {t: float((loss_weights or {}).get(t, 1.0)) for t in self.tasks}
         self.input_name = input_name
+        check_task_names(self.tasks, ("x", input_name, "task", "labels"), "HPS")
 
     @property
     def shared_module(self) -> nn.Module:

@@ -202,6 +202,8 @@ class Strategy:
     supports_accumulation: bool = False
     #: True for update methods that take the ``loss_scaling`` option (:meth:`set_loss_scaling`).
     accepts_loss_scaling: bool = False
+    #: True when the method multiplies or divides by the weighted losses, so a zero loss weight is refused.
+    needs_positive_loss_weights: bool = False
 
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         self.tasks = list(tasks)
@@ -212,7 +214,11 @@ class Strategy:
         self.loss_weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
         bad = {t: w for t, w in self.loss_weights.items() if not (math.isfinite(w) and w >= 0)}
         if bad:
-            raise ValueError(f"loss_weights must be finite and non-negative, got {bad}")
+            raise ValueError(f"{getattr(self, 'name', type(self).__name__)}: loss_weights must be finite and "
+                             f"non-negative, got {bad}")
+        zero = {t: w for t, w in self.loss_weights.items() if w == 0}
+        if zero and self.needs_positive_loss_weights:
+            raise ValueError(f"{getattr(self, 'name', type(self).__name__)} needs positive loss weights, got {zero}")
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.num_steps = 0

@@ -126,6 +126,7 @@ class SelectiveGroupUpdate(Strategy):
     """
 
     accepts_loss_scaling = True
+    needs_positive_loss_weights = True
     #: What :meth:`state_dict` saves besides the base state.
     _state_names = ("affinity", "groups", "history", "group_count_changes", "clustering_failures", "grouping_note",
                     "last_loss_decrease", "gradient_seen")
@@ -165,9 +166,6 @@ class SelectiveGroupUpdate(Strategy):
         check_option("retry_rule", retry_rule, RETRY_RULES)
         if preference is not None and not math.isfinite(preference):
             raise ValueError(f"preference must be finite or None, got {preference}")
-        bad = {t: w for t, w in self.loss_weights.items() if not w > 0}
-        if bad:
-            raise ValueError(f"sel_update needs positive loss weights, got {bad}")
         self.affinity_decay = float(affinity_decay)
         self.warmup_steps = int(warmup_steps)
         self.attribution = attribution

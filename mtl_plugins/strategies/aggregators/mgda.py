@@ -22,4 +22,8 @@ class MGDA(TorchJDWeighting):
                  jacobian: JacobianMode = "auto", rep_grad: bool = False,
                  epsilon: float = 1e-5, max_iters: int = 250):
         super().__init__(tasks, model=model, loss_weights=loss_weights, seed=seed, jacobian=jacobian, rep_grad=rep_grad)
+        if not epsilon >= 0:
+            raise ValueError(f"mgda: epsilon must be non-negative, got {epsilon}")
+        if max_iters < 1:
+            raise ValueError(f"mgda: max_iters must be >= 1, got {max_iters}")
         self.build_weighting(epsilon=epsilon, max_iters=max_iters)

@@ -31,9 +31,10 @@ def stack_losses(losses: Mapping[str, Tensor | float], tasks: Sequence[str]) -> 
 class OwnedParameter:
     """A strategy-owned tensor trained by its own Adam; ``state()``/``load()`` for checkpoints."""
 
-    def __init__(self, value: Tensor, lr: float, weight_decay: float = 0.0, *, parameter: nn.Parameter | None = None):
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+    def __init__(self, value: Tensor, lr: float, weight_decay: float = 0.0, *, parameter: nn.Parameter | None = None,
+                 owner: str = "strategy"):
+        if not lr > 0:
+            raise ValueError(f"{owner}: lr must be positive, got {lr}")
         self.tensor = parameter if parameter is not None else nn.Parameter(value.clone())
         self.optimizer = torch.optim.Adam([self.tensor], lr=lr, weight_decay=weight_decay)
 

@@ -26,6 +26,8 @@ class FAMO(LossWeighting):
     positive. FAMO reads the losses to the host twice per batch (before and after the update).
     """
 
+    needs_positive_loss_weights = True
+
     needs_step_outcome = True
     eps = 1e-8
 
@@ -34,7 +36,7 @@ class FAMO(LossWeighting):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
         if weight_decay < 0:
             raise ValueError(f"famo: weight_decay must be non-negative, got {weight_decay}")
-        self.logits = OwnedParameter(torch.zeros(len(self.tasks), dtype=torch.float64), lr, weight_decay)
+        self.logits = OwnedParameter(torch.zeros(len(self.tasks), dtype=torch.float64), lr, weight_decay, owner=self.name)
 
     def _values(self, losses: Mapping[str, Tensor] | Tensor) -> Tensor:
         values = losses if isinstance(losses, Tensor) else stack_losses(losses, self.tasks)

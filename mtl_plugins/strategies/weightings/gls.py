@@ -16,6 +16,8 @@ class GeometricLossStrategy(LossWeighting):
     """GLS (Chennupati et al. 2019): minimise the geometric mean ``(prod_t L_t)^(1/K)``; its gradient
     is ``sum_t GM / (K L_t) * grad L_t``. Losses must be positive."""
 
+    needs_positive_loss_weights = True
+
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
         self.scalarizer = tjd.scalarizer(self.name, "gls", len(self.tasks))

@@ -41,7 +41,7 @@ class GradNorm(Strategy):
         if alpha < 0:
             raise ValueError(f"gradnorm: alpha must be non-negative, got {alpha}")
         self.model, self.alpha = model, float(alpha)
-        self.logits = OwnedParameter(torch.zeros(len(self.tasks), dtype=torch.float64), lr)
+        self.logits = OwnedParameter(torch.zeros(len(self.tasks), dtype=torch.float64), lr, owner=self.name)
         self.initial_losses: Tensor | None = None
         self.last_weights: list[float] | None = None
 

@@ -28,7 +28,7 @@ class UncertaintyWeighting(LossWeighting):
                  lr: float = 1e-3):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
         self.scalarizer = tjd.scalarizer(self.name, "uw", len(self.tasks))
-        self.log_var = OwnedParameter(torch.zeros(len(self.tasks)), lr, parameter=self.scalarizer.log_var)
+        self.log_var = OwnedParameter(torch.zeros(len(self.tasks)), lr, parameter=self.scalarizer.log_var, owner=self.name)
 
     def weights(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         return dict(zip(self.tasks, scalarizer_gradients(self.scalarizer, stack_losses(losses, self.tasks))[0].tolist()))
