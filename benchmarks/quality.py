@@ -59,16 +59,19 @@ class Benchmark:
 
 def strategy_recipe(base: Mapping[str, Any], strategy: str, seed: int, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """``base`` with ``strategy`` (the recipe's own options if it already runs it) and ``training.seed``;
-    a strategy that needs task-specific connections gets the ``task_connections`` architecture."""
+    a strategy that needs task-specific connections gets the ``task_connections`` architecture.
+    ``METHOD+WEIGHTING`` (``conn_strength+uw``) runs ``METHOD`` with the loss scaling ``WEIGHTING``."""
     from mtl_plugins import strategies  # noqa: F401  (registers the built-ins)
     from mtl_plugins.registry import STRATEGIES
+    from mtl_plugins.strategies.loss_scaling import split_label
 
+    method, composed = split_label(strategy)
     recipe = copy.deepcopy(dict(base))
     own = recipe.get("strategy") or {}
-    chosen = dict(own.get("options") or {}) if own.get("name") == strategy else dict(options or {})
-    recipe["strategy"] = {"name": strategy, "options": chosen}
+    chosen = dict(own.get("options") or {}) if own.get("name") == method else dict(options or {})
+    recipe["strategy"] = {"name": method, "options": {**chosen, **composed}}
     recipe["training"] = {**recipe.get("training", {}), "seed": seed}
-    if STRATEGIES.get(strategy).needs_task_connections:
+    if STRATEGIES.get(method).needs_task_connections:
         recipe["model"] = {**recipe.get("model", {}), "architecture": "task_connections"}
     return recipe
 
@@ -146,7 +149,8 @@ def plan_jobs(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir: P
         for seed in seeds:
             for name in bench.strategies:
                 recipe = strategy_recipe(base, name, seed, bench.options.get(name))
-                passes = tasks if STRATEGIES.get(name).needs_task_forward or name == "sel_update" else 1
+                method = recipe["strategy"]["name"]
+                passes = tasks if STRATEGIES.get(method).needs_task_forward or method == "sel_update" else 1
                 folder = work_dir / bench.name / f"seed{seed}"
                 jobs.append(Job("strategy", bench.name, seed, name, scale * passes, (name, recipe, str(folder))))
             if baselines != "skip" and (bench.baseline_seeds == "each" or seed == seeds[0]):

@@ -6,6 +6,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .composition import render_grid
 from .cost import FLOORS, NOTES, ordered
 
 SECTION_ORDER = ("cost", "libmtl", "scaling", "quality")
@@ -202,6 +203,7 @@ def render_benchmark(summary: Mapping[str, Any]) -> str:
     for key, alt in (("plot", "Delta_m"), ("affinity_plot", "sel_update affinity")):
         if summary.get(key):
             parts += [f"![{alt}]({summary[key]})", ""]
+    parts += render_grid(summary)
     parts += render_groups(strategies.get("sel_update"), metrics)
     parts += render_priority(strategies.get("conn_strength"), metrics)
     return "\n".join(parts)

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .composition import composition_benchmark
 from .quality import Benchmark
 
 SECTIONS = ("cost", "libmtl", "scaling", "quality")
@@ -101,6 +102,7 @@ def full_settings() -> Settings:
         benchmarks=[
             multidigits_benchmark(mtl_plugins.available_strategies()),
             rooms_benchmark(CORE_STRATEGIES),
+            composition_benchmark(multidigits_benchmark(()), name="composition"),
             Benchmark("text", "text-quickstart", overrides=("data.max_length=64",),
                       strategies=("ew", "sel_update", "uw"), options={"sel_update": {"warmup_steps": 20}},
                       baseline_seeds="first", note=TEXT_NOTE),
@@ -133,6 +135,13 @@ def quick_settings() -> Settings:
                       strategies=("ew", "sel_update", "conn_strength"), options={"sel_update": {"warmup_steps": 1}},
                       baseline_overrides=("training.num_train_epochs=2", *CONVERGED_BASELINES),
                       note="Smoke run: 64 training scenes, one epoch."),
+            composition_benchmark(Benchmark("multidigits", "quickstart",
+                      overrides=("data.train_size=256", "data.eval_size=200", "training.num_train_epochs=1",
+                                 "training.logging_steps=1"),
+                      options={"sel_update": {"warmup_steps": 1}},
+                      baseline_overrides=("training.num_train_epochs=2", *CONVERGED_BASELINES),
+                      note="Smoke run: 256 training images, one epoch."),
+                      scalings=("ew", "uw"), methods=("sum", "pcgrad", "sel_update")),
         ],
         seeds=[0, 1],
     )
@@ -152,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="models of the libmtl section (resnet: ResNet-10 HPS, 4 tasks, batch 32)")
     parser.add_argument("--no-memory", action="store_true", help="libmtl section: skip the peak-memory runs")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of the quality section")
-    parser.add_argument("--benchmarks", nargs="+", choices=["multidigits", "rooms", "text"], help="quality benchmarks to run")
+    parser.add_argument("--benchmarks", nargs="+", choices=["multidigits", "rooms", "composition", "text"],
+                        help="quality benchmarks to run (composition: update methods x loss scaling on MultiDigits)")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes of the quality section")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--baselines", choices=["cache", "train"], default="cache",
