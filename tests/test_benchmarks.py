@@ -97,8 +97,10 @@ def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
         assert results["environment"][key]
     assert all(s["command"].startswith("python -m benchmarks.run") for s in results["sections"].values())
     plots = sorted(p.name for p in out.glob("*.png"))
-    assert plots == ["cost_cnn.png", "quality_multidigits.png", "quality_multidigits_affinity.png", "quality_rooms.png",
+    assert plots == ["cost_cnn.png", "quality_composition.png", "quality_composition_affinity.png",
+                     "quality_multidigits.png", "quality_multidigits_affinity.png", "quality_rooms.png",
                      "quality_rooms_affinity.png", "scaling.png"]
+    assert "| `uw` | " in text and "`sel_update+uw`" in text  # the composition grid's table
     assert all(f"]({name})" in text for name in plots)
 
     rows = results["sections"]["cost"]["models"]["cnn"]["rows"]
