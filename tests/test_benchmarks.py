@@ -117,7 +117,9 @@ def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
     assert all(r["exact"] == 1.0 for r in results["sections"]["scaling"]["rows"])  # small K, clear clusters
 
     summaries = {s["benchmark"]: s for s in results["sections"]["quality"]["summaries"]}
-    assert set(summaries) == {"multidigits", "rooms"}
+    assert set(summaries) == {"multidigits", "rooms", "composition"}
+    assert set(summaries["composition"]["strategies"]) == {"ew", "pcgrad", "sel_update", "uw", "pcgrad+uw",
+                                                           "sel_update+uw"}
     rooms = summaries["rooms"]
     assert set(rooms["strategies"]["ew"]["runs"][0]["metrics"]) >= {"depth/rmse", "semseg/miou", "normals/mean_angle",
                                                                     "saliency/miou"}
