@@ -163,18 +163,26 @@ def _caps(o: Tensor, d: Tensor, y: Tensor, radius: Tensor, up: bool) -> tuple[Te
     return torch.where(inside & torch.isfinite(t), t, torch.full_like(t, INF)), n
 
 
+def _quadratic_hits(o: Tensor, d: Tensor, a: Tensor, b: Tensor, c: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Both roots ``t`` of ``a t^2 + 2 b t + c = 0`` along the rays, each with its point ``o + t d`` and
+    whether the root is real: ``[(t, p, real), ...]`` (near root first)."""
+    disc = b * b - a * c
+    root = torch.sqrt(disc.clamp_min(0))
+    hits = []
+    for sign in (-1.0, 1.0):
+        t = (-b + sign * root) / a
+        hits.append((t, o + t[:, None] * d, disc >= 0))
+    return hits
+
+
 def intersect_cylinder(o: Tensor, d: Tensor, dims: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     r, hh = dims[:, 0], dims[:, 1]
     a = d[:, 0] ** 2 + d[:, 2] ** 2
     b = o[:, 0] * d[:, 0] + o[:, 2] * d[:, 2]
     c = o[:, 0] ** 2 + o[:, 2] ** 2 - r * r
-    disc = b * b - a * c
-    root = torch.sqrt(disc.clamp_min(0))
     candidates = []
-    for sign in (-1.0, 1.0):
-        t = (-b + sign * root) / a
-        p = o + t[:, None] * d
-        ok = (disc >= 0) & (a > 0) & (p[:, 1].abs() <= hh)
+    for t, p, real in _quadratic_hits(o, d, a, b, c):
+        ok = real & (a > 0) & (p[:, 1].abs() <= hh)
         n = torch.stack([p[:, 0], torch.zeros_like(t), p[:, 2]], -1) / r[:, None]
         candidates.append((torch.where(ok, t, torch.full_like(t, INF)), n))
     candidates.append(_caps(o, d, hh, r, up=True))
@@ -190,14 +198,10 @@ def intersect_cone(o: Tensor, d: Tensor, dims: Tensor, eps: float = 1e-6) -> tup
     a = d[:, 0] ** 2 + d[:, 2] ** 2 - k2 * d[:, 1] ** 2
     b = o[:, 0] * d[:, 0] + o[:, 2] * d[:, 2] + k2 * s_o * d[:, 1]
     c = o[:, 0] ** 2 + o[:, 2] ** 2 - k2 * s_o ** 2
-    disc = b * b - a * c
-    root = torch.sqrt(disc.clamp_min(0))
     candidates = []
-    for sign in (-1.0, 1.0):
-        t = (-b + sign * root) / a
-        p = o + t[:, None] * d
+    for t, p, real in _quadratic_hits(o, d, a, b, c):
         s = h / 2 - p[:, 1]
-        ok = (disc >= 0) & (s >= 0) & (s <= h)
+        ok = real & (s >= 0) & (s <= h)
         n = torch.nn.functional.normalize(torch.stack([p[:, 0], k2 * s, p[:, 2]], -1), dim=-1)
         candidates.append((torch.where(ok, t, torch.full_like(t, INF)), n))
     candidates.append(_caps(o, d, -h / 2, r, up=False))
