@@ -12,9 +12,10 @@ Sections (``--sections``, all by default):
   metrics on MultiDigits, rooms and the text recipe
   (:mod:`benchmarks.quality`).
 
-The report goes to ``docs/benchmarks/`` (``README.md``, ``results.json``, plots); sections not run
-keep their previous numbers from ``results.json``. ``--quick`` is a smoke run of every section and
-``--only`` restricts the strategies; both write to ``runs/`` unless ``--out`` is given, so the
+The report goes to ``docs/benchmarks/`` (``README.md``, ``results.json``, plots); sections not run,
+and quality benchmarks left out of ``--benchmarks``, keep their previous numbers from
+``results.json``. ``--quick`` is a smoke run of every section and ``--only`` restricts the
+strategies; both write to ``runs/`` unless ``--out`` is given, so the
 published report only ever holds complete runs.
 """
 
@@ -303,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         draw(name, section, out)
         section.update(command=command, environment=env, wall_seconds=time.perf_counter() - started,
                        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        if name == "quality" and args.benchmarks:  # the benchmarks not rerun keep their previous numbers
+            kept = [s for s in results["sections"].get("quality", {}).get("summaries", [])
+                    if s["benchmark"] not in args.benchmarks]
+            section["summaries"] = kept + section["summaries"]
         results["sections"][name] = section
         results_path.write_text(json.dumps(results, indent=1))
         (out / "README.md").write_text(report.render(results))
