@@ -228,9 +228,10 @@ def summarize(benchmark: Benchmark, outcomes: Sequence[tuple[Job, dict]], seeds:
     if baselines:
         names = list(next(iter(baselines.values()))["metrics"])
         single = {k: mean_std([b["metrics"][k] for b in baselines.values()]) for k in names}
+    selection = next(iter(baselines.values()))["higher_is_better"] if baselines else None
     return {"benchmark": benchmark.name, "recipe": benchmark.recipe, "overrides": list(benchmark.overrides),
             "note": benchmark.note, "seeds": list(seeds), "baseline_seeds": sorted(baselines), "failures": failures,
-            "strategies": strategies, "single_task": single, "verdicts": verdicts}
+            "strategies": strategies, "single_task": single, "verdicts": verdicts, "delta_m_metrics": selection}
 
 
 #: Strategies that combine per-task gradients (the "gradient baselines" the methods are compared with).
@@ -297,6 +298,28 @@ def plot_affinity(summary: Mapping[str, Any], path: Path) -> Path | None:
                         xlabel="target task", ylabel="source task")
 
 
+def delta_m_metrics(summary: Mapping[str, Any]) -> dict[str, bool]:
+    """The metrics a quality summary's Delta_m averages (recorded, or derived from its recipe)."""
+    if summary.get("delta_m_metrics"):
+        return dict(summary["delta_m_metrics"])
+    from mtl_plugins.config import apply_overrides, load_recipe
+    from mtl_plugins.runner import build_datasets, higher_is_better
+
+    recipe = apply_overrides(load_recipe(summary["recipe"]), list(summary["overrides"]))
+    data = build_datasets(recipe)
+    available = next(iter(summary["strategies"].values()))["runs"][0]["metrics"]
+    return higher_is_better(data, (recipe.get("data") or {}).get("dataset"), set(available))
+
+
+def add_convergence(summary: dict[str, Any], work_dir: Path) -> None:
+    """Per-epoch validation convergence of the summary's runs (:mod:`benchmarks.convergence`), where
+    their logs are still in ``work_dir``."""
+    from .convergence import summarize_convergence
+
+    if summary["strategies"] and (work_dir / summary["benchmark"]).is_dir():
+        summarize_convergence(summary, work_dir, delta_m_metrics(summary))
+
+
 def run_quality(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir: Path, workers: int = 2,
                 threads: int = 1, baselines: str = "cache", log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every benchmark's strategies over ``seeds``; one summary per benchmark."""
@@ -307,5 +330,6 @@ def run_quality(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir:
     for bench in benchmarks:
         summary = summarize(bench, outcomes, seeds)
         summary["wall_seconds"] = sum(out["seconds"] for job, out in outcomes if job.benchmark == bench.name)
+        add_convergence(summary, work_dir)
         summaries.append(summary)
     return summaries

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .composition import render_grid
+from .convergence import render_convergence
 from .cost import FLOORS, NOTES, ordered
 
 SECTION_ORDER = ("cost", "libmtl", "scaling", "quality")
@@ -200,9 +201,11 @@ def render_benchmark(summary: Mapping[str, Any]) -> str:
     same = identical_to_ew(strategies)
     parts += [f"`{name}` gives exactly the results of `ew` on every seed{IDENTICAL_TO_EW.get(name, '')}." for name in same]
     parts += [""] if same else []
-    for key, alt in (("plot", "Delta_m"), ("affinity_plot", "sel_update affinity")):
+    for key, alt in (("plot", "Delta_m"), ("affinity_plot", "sel_update affinity"),
+                     ("convergence_plot", "validation convergence")):
         if summary.get(key):
             parts += [f"![{alt}]({summary[key]})", ""]
+    parts += render_convergence(summary)
     parts += render_grid(summary)
     parts += render_groups(strategies.get("sel_update"), metrics)
     parts += render_priority(strategies.get("conn_strength"), metrics)

@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", choices=["cache", "train"], default="cache",
                         help="single-task baselines from the cache (trained when missing) or retrained")
     parser.add_argument("--render-only", action="store_true",
-                        help="measure nothing: redraw the plots and README.md from the report folder's results.json")
+                        help="measure nothing: redraw the plots and README.md from the report folder's results.json "
+                             "(and the quality runs' convergence from --work-dir where their logs are)")
     return parser
 
 
@@ -252,7 +253,7 @@ RUNNERS = {"cost": cost_section, "libmtl": side_by_side_section, "scaling": scal
 
 def draw(name: str, section: dict[str, Any], out: Path) -> None:
     """Write the PNG plots of a measured section into ``out``, recording their file names in it."""
-    from . import cost, quality, scaling
+    from . import convergence, cost, quality, scaling
 
     if name == "cost":
         for model, entry in section["models"].items():
@@ -266,6 +267,8 @@ def draw(name: str, section: dict[str, Any], out: Path) -> None:
             summary["plot"] = quality.plot_quality(summary, out / f"quality_{summary['benchmark']}.png").name
             affinity = quality.plot_affinity(summary, out / f"quality_{summary['benchmark']}_affinity.png")
             summary["affinity_plot"] = affinity.name if affinity is not None else None
+            curves = convergence.plot_convergence(summary, out / f"quality_{summary['benchmark']}_convergence.png")
+            summary["convergence_plot"] = curves.name if curves is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render_only:
         if not results["sections"]:
             raise SystemExit(f"--render-only: no results in {results_path}")
+        from . import quality
+
+        for summary in results["sections"].get("quality", {}).get("summaries", []):
+            quality.add_convergence(summary, args.work_dir or Path("runs/benchmarks-work"))
         for name, section in results["sections"].items():
             draw(name, section, out)
         results_path.write_text(json.dumps(results, indent=1))

@@ -146,3 +146,11 @@ def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
     again = json.loads((out / "results.json").read_text())
     assert again["sections"]["cost"]["date"] == cost_date and again["sections"]["quality"]
     assert all(heading in (out / "README.md").read_text() for heading in SECTIONS)
+
+    # one quality benchmark again: the other benchmarks keep their numbers
+    rooms_before = summaries["rooms"]
+    assert main(["--quick", "--sections", "quality", "--benchmarks", "multidigits", "--only", "ew",
+                 "--out", str(out), "--work-dir", str(work)]) == 0
+    quality = {s["benchmark"]: s for s in json.loads((out / "results.json").read_text())["sections"]["quality"]["summaries"]}
+    assert set(quality) == {"multidigits", "rooms", "composition"}
+    assert set(quality["multidigits"]["strategies"]) == {"ew"} and quality["rooms"] == rooms_before
