@@ -114,6 +114,37 @@ def run_strategy_job(label: str, recipe: Mapping[str, Any], folder: str) -> dict
             "seconds": time.perf_counter() - started}
 
 
+def finished_run(work_dir: Path, label: str, recipe: Mapping[str, Any], seed: int) -> Path | None:
+    """The folder of a finished run of exactly ``recipe`` (same strategy, options, data, model and
+    training, seed included) under any benchmark of ``work_dir``, or None."""
+    import yaml
+
+    wanted = {k: v for k, v in recipe.items() if k != "output_dir"}
+    for folder in sorted(work_dir.glob(f"*/seed{seed}/{label}")):
+        done = all((folder / name).is_file() for name in ("config.yaml", "results.json", "strategy_state.pt"))
+        if not done or (folder / ".incomplete").exists():
+            continue
+        saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        saved.pop("output_dir", None)
+        if saved == wanted:
+            return folder
+    return None
+
+
+def reused_job(label: str, recipe: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """What :func:`run_strategy_job` returns, read from the finished run in ``folder``."""
+    import json
+
+    import torch
+
+    results = json.loads((folder / "results.json").read_text())
+    row = {"strategy": label, **results["test_metrics"], "delta_m": results.get("delta_m"),
+           "ms_per_batch": 1000.0 * results["train_seconds"] / max(int(results["steps"]), 1), "steps": results["steps"]}
+    state = torch.load(folder / "strategy_state.pt", weights_only=True)
+    return {"row": row, "extras": strategy_extras(recipe["strategy"]["name"], state), "seconds": 0.0,
+            "reused": str(folder)}
+
+
 def run_baseline_job(recipe: Mapping[str, Any], mode: str) -> dict[str, Any]:
     """Single-task metrics of ``recipe``'s tasks and which metrics are higher-is-better (in a worker)."""
     from mtl_plugins.runner import build_datasets, higher_is_better, single_task_baselines
@@ -162,14 +193,24 @@ def plan_jobs(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir: P
     return sorted(jobs, key=lambda j: -j.weight)
 
 
-def run_jobs(jobs: Sequence[Job], workers: int, threads: int, log: Callable[[str], None] = print) -> list[tuple[Job, dict]]:
-    """Run the jobs in ``workers`` spawned processes; returns (job, result) pairs in job order."""
+def run_jobs(jobs: Sequence[Job], workers: int, threads: int, log: Callable[[str], None] = print,
+             reuse_from: Path | None = None) -> list[tuple[Job, dict]]:
+    """Run the jobs in ``workers`` spawned processes; returns (job, result) pairs in job order. With
+    ``reuse_from`` (the work folder), a strategy job whose exact recipe already finished there is read
+    from that run instead of trained again."""
     results: dict[int, dict] = {}
+    if reuse_from is not None:
+        for i, job in enumerate(jobs):
+            folder = finished_run(reuse_from, job.args[0], job.args[1], job.seed) if job.kind == "strategy" else None
+            if folder is not None:
+                results[i] = reused_job(job.args[0], job.args[1], folder)
+                log(f"  quality: {job.benchmark} {job.strategy} seed {job.seed} reused from {folder}")
+    jobs_to_run = [(i, job) for i, job in enumerate(jobs) if i not in results]
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=init_worker,
                              initargs=(threads,)) as pool:
         futures = {}
-        for i, job in enumerate(jobs):
+        for i, job in jobs_to_run:
             function = run_strategy_job if job.kind == "strategy" else run_baseline_job
             futures[pool.submit(function, *job.args)] = i
         for done, future in enumerate(as_completed(futures), 1):
@@ -180,7 +221,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, threads: int, log: Callable[[str
             except Exception as error:  # one failed run must not lose the others
                 results[i] = {"error": f"{type(error).__name__}: {error}", "seconds": 0.0}
                 outcome = f"failed: {results[i]['error']}"
-            log(f"  quality [{done}/{len(jobs)}] {job.benchmark} {job.strategy} seed {job.seed}: {outcome}")
+            log(f"  quality [{done}/{len(jobs_to_run)}] {job.benchmark} {job.strategy} seed {job.seed}: {outcome}")
     return [(job, results[i]) for i, job in enumerate(jobs)]
 
 
@@ -321,15 +362,18 @@ def add_convergence(summary: dict[str, Any], work_dir: Path) -> None:
 
 
 def run_quality(benchmarks: Sequence[Benchmark], seeds: Sequence[int], work_dir: Path, workers: int = 2,
-                threads: int = 1, baselines: str = "cache", log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every benchmark's strategies over ``seeds``; one summary per benchmark."""
+                threads: int = 1, baselines: str = "cache", log: Callable[[str], None] = print,
+                reuse: bool = False) -> list[dict[str, Any]]:
+    """Run every benchmark's strategies over ``seeds``; one summary per benchmark. ``reuse``: read
+    runs whose exact recipe already finished in ``work_dir`` (any benchmark) instead of training them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     jobs = plan_jobs(benchmarks, seeds, work_dir, baselines)
-    outcomes = run_jobs(jobs, workers, threads, log)
+    outcomes = run_jobs(jobs, workers, threads, log, reuse_from=work_dir if reuse else None)
     summaries = []
     for bench in benchmarks:
         summary = summarize(bench, outcomes, seeds)
         summary["wall_seconds"] = sum(out["seconds"] for job, out in outcomes if job.benchmark == bench.name)
+        summary["reused_runs"] = sum("reused" in out for job, out in outcomes if job.benchmark == bench.name)
         add_convergence(summary, work_dir)
         summaries.append(summary)
     return summaries

@@ -179,6 +179,10 @@ def render_benchmark(summary: Mapping[str, Any]) -> str:
              "mean ± 95% CI.", ""]
     if summary.get("note"):
         parts += [summary["note"], ""]
+    if summary.get("reused_runs"):
+        parts += [f"{summary['reused_runs']} of these runs were read from identical runs (same recipe, options and "
+                  "seed) of another benchmark in the same work folder (`--reuse-runs`) instead of being trained again.",
+                  ""]
     if summary.get("failures"):
         parts += ["Failed runs (left out of the means):", "", *(f"* {f}" for f in summary["failures"]), ""]
     rows = []

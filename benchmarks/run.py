@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--baselines", choices=["cache", "train"], default="cache",
                         help="single-task baselines from the cache (trained when missing) or retrained")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="quality: read runs whose exact recipe (seed included) already finished in the work "
+                             "folder, under any benchmark, instead of training them again")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: redraw the plots and README.md from the report folder's results.json "
                              "(and the quality runs' convergence from --work-dir where their logs are)")
@@ -244,7 +247,7 @@ def quality_section(args: argparse.Namespace, settings: Settings) -> dict[str, A
     seeds = args.seeds or settings.seeds
     work_dir = args.work_dir or Path("runs/benchmarks-work")
     return {"summaries": quality.run_quality(benchmarks, seeds, work_dir, args.workers, args.threads,
-                                             args.baselines, log=log)}
+                                             args.baselines, log=log, reuse=args.reuse_runs)}
 
 
 RUNNERS = {"cost": cost_section, "libmtl": side_by_side_section, "scaling": scaling_section,
