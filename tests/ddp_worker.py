@@ -40,6 +40,7 @@ VARIANTS = {"conn_strength_phase2": ("conn_strength", {"schedule": "phase2"}),
             "sel_update+uw": ("sel_update", {"loss_scaling": {"name": "uw", "options": {"lr": 0.05}}}),
             "pcgrad+dwa": ("pcgrad", {"loss_scaling": {"name": "dwa", "options": {"steps_per_epoch": 1}}}),
             "conn_strength+famo": ("conn_strength", {"loss_scaling": "famo"}),
+            "conn_strength+uw": ("conn_strength", {"loss_scaling": {"name": "uw", "options": {"lr": 0.05}}}),
             "dwa_epochs": ("dwa", {"steps_per_epoch": None})}  # epochs from the trainer
 #: Data-parallel settings, as ``STRATEGY@LAYOUT``: (training options, rows of vector data, steps).
 #: ``ragged``: 36 rows in batches of 4 are 9 batches, 5 on rank 0 and 4 on rank 1, so the ranks

@@ -27,7 +27,7 @@ AGGREGATORS = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "gr
 EXACT = ["ew", "two_step", "measure_last", "per_task", "sel_update", *AGGREGATORS,
          "sel_update+uw", "pcgrad+dwa"]  # composed with a loss weighting
 #: Need BatchNorm connections (batch statistics differ per process): ranks identical only.
-RANKS_ONLY = ["conn_strength", "conn_strength_phase2"]
+RANKS_ONLY = ["conn_strength", "conn_strength_phase2", "conn_strength+uw", "conn_strength+famo"]
 NAMES = EXACT + RANKS_ONLY
 STEPS, BATCH = 4, 4
 
@@ -76,6 +76,18 @@ def test_conn_strength_ran_both_phases(ranks):
     assert ranks[0]["conn_strength"]["strategy"]["phase_counts"][0] == STEPS  # epoch 0: Phase 1 only
 
 
+@pytest.mark.parametrize("name", ["sel_update+uw", "pcgrad+dwa", "conn_strength+uw", "conn_strength+famo"])
+def test_composed_loss_scaling_state_moved_identically_on_both_ranks(ranks, name):
+    states = [rank[name]["strategy"]["loss_scaling"] for rank in ranks]
+    assert same(states[0], states[1])
+    weighting = states[0]["state"]
+    if name.endswith("+dwa"):  # DWA moves its weights off 1 once two epochs have closed
+        assert len(weighting["epoch_averages"]) >= 2
+    else:  # UW's log-variances and FAMO's logits start at 0: trained by the composed update
+        learned = weighting["log_var_state" if name.endswith("+uw") else "logits_state"]["value"]
+        assert learned.abs().min() > 0
+
+
 def test_evaluation_on_two_processes_equals_numpy_on_the_whole_set(ranks):
     model = vector_model()
     model.load_state_dict(ranks[0]["ew"]["model"])
@@ -110,7 +122,7 @@ def test_mtl_train_on_two_processes_writes_one_set_of_outputs(tmp_path):
 
 #: Ragged shards (ranks count epochs differently) and per-rank BatchNorm statistics.
 LAYOUT_NAMES = ["dwa_epochs@ragged", "two_step@ragged", "sel_update@ragged", "conn_strength_phase2@no_buffers",
-                "conn_strength@no_buffers"]
+                "conn_strength@no_buffers", "conn_strength+uw@no_buffers"]
 
 
 @pytest.fixture(scope="module")
