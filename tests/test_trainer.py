@@ -305,16 +305,20 @@ class StepRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         strategy = self.trainer.strategy
+        scaling = getattr(strategy, "loss_scaling", None)
+        if scaling is not None:  # a composed strategy: the loss weighting's learned weights
+            strategy = scaling.weighting
         owned = strategy.log_var if strategy.name == "uw" else getattr(strategy, "logits", None)
         learned = None if owned is None else owned.tensor.detach().clone()
         self.records.append((snapshot(self.trainer.model), learned, self.trainer.lr_scheduler.last_epoch))
 
 
-def train_overflowing_first_batch(tmp_path, name, optim="sgd"):
+def train_overflowing_first_batch(tmp_path, name, optim="sgd", **strategy_options):
     """Three batches under fp16; the first overflows (huge loss scale), the scaler then backs off to 2**7."""
     args = make_args(tmp_path / name / optim, steps=3, fp16=True, logging_steps=1, optim=optim,
                      train_sampling_strategy="sequential")
-    trainer = MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(32), strategy=name)
+    trainer = MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(32), strategy=name,
+                               strategy_options=strategy_options or None)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120,
                                                       growth_interval=1000)
     recorder = StepRecorder(trainer)
@@ -344,6 +348,22 @@ def test_fp16_overflow_leaves_learned_loss_weights_alone(tmp_path, name, optim):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [math.isfinite(entry["grad_norm"]) for entry in logs] == [False, True, True]
     assert [entry.get("skipped_inner_steps") for entry in logs] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("name, options", [("pcgrad", {}), ("sel_update", {"warmup_steps": 1})])
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch", "adamw_torch_fused"])
+def test_fp16_overflow_leaves_a_composed_loss_scaling_alone(tmp_path, name, options, optim):
+    trainer, start, records = train_overflowing_first_batch(tmp_path, name, optim, loss_scaling="uw", **options)
+    assert trainer.updater.skipped_steps >= 1
+    zeros = torch.zeros(len(TASKS), dtype=records[0][1].dtype)
+    (model_0, learned_0, _), (model_1, learned_1, _), (model_2, learned_2, _) = records
+    # the overflowed batch: UW did not move; pcgrad's one step was skipped, sel_update's later group
+    # step (after the scaler backed off) was applied
+    assert torch.equal(learned_0, zeros) and same(model_0, start) == (name == "pcgrad")
+    assert not same(model_1, model_0) and not torch.equal(learned_1, learned_0)  # then both move, once a batch
+    assert not same(model_2, model_1) and not torch.equal(learned_2, learned_1)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[0].get("skipped_inner_steps", 0) >= 1
 
 
 def test_updater_unscales_before_clipping_and_skips_overflow(tmp_path):
