@@ -306,6 +306,34 @@ def test_ew_loss_scaling_equals_the_bare_method_exactly(name, options):
     assert scaled_strategy.label == f"{name}+ew" and not scaled_strategy.needs_step_outcome
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "sel_update"])
+def test_direct_construction_with_loss_scaling_equals_the_registry(name):
+    from mtl_plugins.registry import STRATEGIES
+
+    runs = []
+    for direct in (False, True):
+        model = mlp().float()
+        options = {"loss_weights": STATIC, "loss_scaling": scaling("uw")}
+        options |= {"warmup_steps": 1} if name == "sel_update" else {"model": model}
+        strategy = STRATEGIES.get(name)(TASKS, **options) if direct else mtl_plugins.build_strategy(name, TASKS, **options)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        for batch in batches(3, seed=4):
+            strategy.step(make_closure(model, {k: v.float() for k, v in batch.items()}), optimizer)
+        runs.append((model, strategy))
+    (registry_model, registry_strategy), (direct_model, direct_strategy) = runs
+    assert direct_strategy.label == f"{name}+uw"
+    assert same(direct_model.state_dict(), registry_model.state_dict())
+    assert same(direct_strategy.state_dict(), registry_strategy.state_dict())
+    assert log_var(direct_strategy) != [0.0] * len(TASKS)
+
+
+def test_direct_construction_refuses_loss_scaling_on_a_loss_weighting():
+    from mtl_plugins.registry import STRATEGIES
+
+    with pytest.raises(TypeError, match="'uw' takes no loss_scaling"):
+        STRATEGIES.get("uw")(TASKS, loss_scaling="dwa")
+
+
 # -- skipped steps, options, reporting -------------------------------------------------------------
 class SkippingUpdater(Updater):
     """Skips every optimizer step (an fp16 overflow) while ``skip`` is set."""

@@ -9,6 +9,7 @@ and returns per-task scalar losses (all tasks, or one task through its task-spec
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -204,6 +205,24 @@ class Strategy:
     accepts_loss_scaling: bool = False
     #: True when the method multiplies or divides by the weighted losses, so a zero loss weight is refused.
     needs_positive_loss_weights: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every strategy constructor also takes ``loss_scaling`` (applied by :meth:`set_loss_scaling`
+        once the instance is built), so ``PCGrad(tasks, loss_scaling="uw")`` equals
+        ``build_strategy("pcgrad", tasks, loss_scaling="uw")``."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "takes_loss_scaling", False):
+            return
+
+        @functools.wraps(init)
+        def with_loss_scaling(self: Strategy, *args: Any, loss_scaling: LossScalingSpec = None, **options: Any) -> None:
+            init(self, *args, **options)
+            if loss_scaling is not None:  # given to the outermost constructor only
+                self.set_loss_scaling(loss_scaling)
+
+        with_loss_scaling.takes_loss_scaling = True  # type: ignore[attr-defined]
+        cls.__init__ = with_loss_scaling  # type: ignore[method-assign]
 
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         self.tasks = list(tasks)
