@@ -67,14 +67,14 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-def _non_finite(value: Any, path: str) -> str | None:
+def non_finite_path(value: Any, path: str) -> str | None:
     """``path`` (extended to the offending entry) if ``value`` holds a NaN or infinite number, else None."""
     if isinstance(value, numbers.Real):
         return None if math.isfinite(value) else path
     if isinstance(value, Mapping):
-        return next((bad for k, v in value.items() if (bad := _non_finite(v, f"{path}[{k!r}]"))), None)
+        return next((bad for k, v in value.items() if (bad := non_finite_path(v, f"{path}[{k!r}]"))), None)
     if isinstance(value, (list, tuple)):
-        return next((bad for i, v in enumerate(value) if (bad := _non_finite(v, f"{path}[{i}]"))), None)
+        return next((bad for i, v in enumerate(value) if (bad := non_finite_path(v, f"{path}[{i}]"))), None)
     return None
 
 
@@ -175,7 +175,7 @@ class Registry:
                 raise TypeError(
                     f"{self.kind} {self.resolve(name)!r}: option {key}={value!r} should be {_describe(annotation)}"
                 )
-            bad = _non_finite(value, key)
+            bad = non_finite_path(value, key)
             if bad is not None:
                 raise ValueError(f"{self.kind} {self.resolve(name)!r}: option {bad} must be a finite number "
                                  f"(not NaN or infinite), got {value!r}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mtl_plugins
-from mtl_plugins.registry import Registry
+from mtl_plugins.registry import STRATEGIES, Registry
 from mtl_plugins.strategies.base import Strategy
 
 
@@ -156,6 +156,14 @@ def test_every_float_option_is_listed():
 def test_non_finite_float_option_is_refused_naming_strategy_and_option(name, option, bad):
     with pytest.raises(ValueError, match=rf"strategy '{name}': option {option} must be a finite number"):
         mtl_plugins.build_strategy(name, ["a", "b"], **{option: bad})
+    with pytest.raises(ValueError, match=rf"strategy '{name}': option {option} must be a finite number"):
+        STRATEGIES.get(name)(["a", "b"], **{option: bad})  # the class itself, as LibMTL users build it
+
+
+@pytest.mark.parametrize("name", mtl_plugins.available_strategies())
+def test_non_finite_loss_weight_is_refused_by_the_class_itself(name):
+    with pytest.raises(ValueError, match=rf"strategy '{name}': option loss_weights\['b'\] must be a finite number"):
+        STRATEGIES.get(name)(["a", "b"], loss_weights={"a": 1.0, "b": float("nan")})
 
 
 def test_non_finite_value_inside_a_nested_option_is_refused():

@@ -209,7 +209,8 @@ class Strategy:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every strategy constructor also takes ``loss_scaling`` (applied by :meth:`set_loss_scaling`
         once the instance is built), so ``PCGrad(tasks, loss_scaling="uw")`` equals
-        ``build_strategy("pcgrad", tasks, loss_scaling="uw")``."""
+        ``build_strategy("pcgrad", tasks, loss_scaling="uw")``, and refuses NaN or infinite option
+        values however the strategy is built."""
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if init is None or getattr(init, "takes_loss_scaling", False):
@@ -217,6 +218,12 @@ class Strategy:
 
         @functools.wraps(init)
         def with_loss_scaling(self: Strategy, *args: Any, loss_scaling: LossScalingSpec = None, **options: Any) -> None:
+            from ..registry import non_finite_path
+
+            bad = next((path for key, value in options.items() if (path := non_finite_path(value, key))), None)
+            if bad is not None:
+                raise ValueError(f"strategy {cls.name!r}: option {bad} must be a finite number (not NaN or "
+                                 f"infinite), got {options[bad.split('[')[0]]!r}")
             init(self, *args, **options)
             if loss_scaling is not None:  # given to the outermost constructor only
                 self.set_loss_scaling(loss_scaling)
