@@ -16,7 +16,7 @@ import mtl_plugins
 from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies import torchjd_adapter
-from mtl_plugins.strategies.base import Updater
+from mtl_plugins.strategies.base import NonFiniteGradientError, Updater
 
 TASKS = ["a", "b", "c"]
 TORCHJD_BACKED = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop"]
@@ -359,6 +359,34 @@ def test_non_finite_gradient_without_loss_scaling_is_an_error():
 
     with pytest.raises(FloatingPointError, match="non-finite gradients"):
         strategy.step(closure, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+class SqrtHeadModel(nn.Module):
+    """Shared ``w``; task ``a``'s head has an infinite gradient at 0 with a finite loss, ``b``'s is smooth."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, dtype=DTYPE))
+        self.heads = nn.ParameterDict({t: nn.Parameter(torch.zeros(2, dtype=DTYPE)) for t in ("a", "b")})
+
+    def get_share_params(self):
+        return iter([self.w])
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "cagrad"])
+def test_non_finite_head_gradient_names_only_that_task(name):
+    model = SqrtHeadModel()
+    strategy = build(name, model=model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def closure(task=None):
+        shared = (model.w**2).sum()
+        return {"a": shared + model.heads["a"].abs().sqrt().sum(), "b": shared + (model.heads["b"] ** 2).sum()}
+
+    with pytest.raises(NonFiniteGradientError, match=r"non-finite gradients for tasks \['a'\]") as error:
+        strategy.step(closure, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert error.value.tasks == ["a"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # -- distributed ---------------------------------------------------------------------------------------

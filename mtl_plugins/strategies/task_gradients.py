@@ -34,7 +34,15 @@ from torch import Tensor, nn
 
 from ..architectures.task_connections import has_task_connections
 from ..param_groups import split_parameters
-from .base import Closure, Updater, check_finite_losses, check_losses, to_host
+from .base import (
+    Closure,
+    NonFiniteGradientError,
+    Updater,
+    check_finite_losses,
+    check_losses,
+    non_finite_gradient_tasks,
+    to_host,
+)
 
 
 def split_model_parameters(model: nn.Module | None, strategy: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -215,8 +223,13 @@ def write_gradients(
         p.grad = None if g is None else (g if scale == 1.0 else g * scale).to(p.dtype)
 
 
-def check_non_finite(grads: TaskGradients, updater: Updater, tasks: Sequence[str], strategy: str) -> None:
-    """Without loss scaling a non-finite gradient is an error; with it, the updater skips the step."""
+def check_non_finite(grads: TaskGradients, updater: Updater, tasks: Sequence[str], strategy: str,
+                     closure: Closure, params: Sequence[Tensor]) -> None:
+    """Without loss scaling a non-finite gradient is an error naming the tasks whose gradient is
+    non-finite (their shared rows, else their task-specific parameters, found on a fresh forward
+    pass); with loss scaling, the updater skips the step."""
     if updater.loss_scale == 1.0:
         bad = [t for t, row in zip(tasks, grads.jacobian) if not bool(torch.isfinite(row).all())]
-        raise FloatingPointError(f"{strategy}: non-finite gradients for tasks {bad or list(tasks)}")
+        bad = bad or non_finite_gradient_tasks(closure, tasks, params)
+        raise NonFiniteGradientError(f"{strategy}: non-finite gradients for tasks {bad or list(tasks)}: the optimizer "
+                                     "step was not taken and the model was not updated", tasks=bad or None)

@@ -115,7 +115,7 @@ class GradientAggregation(Strategy):
                 else:
                     direction = self.aggregate(rows, host.gramian)
         else:  # fp16 overflow: hand the non-finite sum to the updater, which skips the step
-            check_non_finite(grads, updater, self.tasks, self.name)
+            check_non_finite(grads, updater, self.tasks, self.name, closure, [*shared, *specific])
             direction = rows.sum(0)
         scale = float(updater.loss_scale)
         if self.rep_grad:
