@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,38 @@ def normalized(image: np.ndarray) -> np.ndarray:
     return ((image / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
 
 
+# ---------------------------------------------------------------- validation hold-out
+
+@pytest.mark.parametrize("dataset, write, train_files", [
+    ("nyud", write_nyud, lambda w: w["splits"]["train"]),
+    ("pascal_context", write_pascal, lambda w: w["splits"]["train"]),
+    ("cityscapes", write_cityscapes, lambda w: [str(i) for i in range(len(w["train"]))]),
+])
+def test_releases_without_a_validation_split_hold_one_out_of_train(tmp_path, dataset, write, train_files):
+    written = write(tmp_path / dataset, n_train=10, n_val=1)
+    expected = train_files(written)
+    options = {"crop_size": [16, 16]} if dataset != "cityscapes" else {}
+
+    def stems(split):
+        return [Path(p).stem for p in split["pixel_values"]]
+
+    data = build_data(dataset, root=str(tmp_path / dataset), **options)
+    train, validation = stems(data.train.with_format(None)), stems(data.validation.with_format(None))
+    assert len(validation) == 1 and len(train) == 9  # 10% held out
+    assert sorted(train + validation) == sorted(expected) and not set(train) & set(validation)
+    assert data.validation[0]["pixel_values"].shape[0] == 3  # decoded like the test split
+    again = build_data(dataset, root=str(tmp_path / dataset), **options)
+    assert stems(again.validation.with_format(None)) == validation  # fixed, not drawn per run
+    half = build_data(dataset, root=str(tmp_path / dataset), validation_fraction=0.5, validation_size=2, **options)
+    assert len(half.train) == 5 and len(half.validation) == 2
+    whole = build_data(dataset, root=str(tmp_path / dataset), validation_fraction=0, **options)
+    assert whole.validation is None and sorted(stems(whole.train.with_format(None))) == sorted(expected)
+    with pytest.raises(ValueError, match="validation_fraction must be in"):
+        build_data(dataset, root=str(tmp_path / dataset), validation_fraction=1.0, **options)
+    with pytest.raises(ValueError, match="validation size=5 but the split has only 1"):
+        build_data(dataset, root=str(tmp_path / dataset), validation_size=5, **options)
+
+
 # ---------------------------------------------------------------- NYUD-v2
 
 @pytest.fixture(scope="module")
@@ -45,7 +78,7 @@ def test_nyud_eval_split_decodes_every_target(nyud):
     root, written = nyud
     data = build_data("nyud", root=str(root), crop_size=[24, 32])
     assert data.tasks == ["semseg", "depth", "normals", "edge"]
-    assert len(data.train) == 3 and len(data.eval) == 2
+    assert len(data.train) == 2 and len(data.validation) == 1 and len(data.eval) == 2
     for index, sample_id in enumerate(written["splits"]["val"]):
         expected, got = written["samples"][sample_id], data.eval[index]
         np.testing.assert_allclose(got["pixel_values"].numpy(), normalized(expected["image"]), atol=1e-5)
@@ -73,7 +106,8 @@ def test_nyud_eval_pads_with_ignore_and_is_deterministic(nyud):
 
 def test_nyud_train_split_is_augmented_reproducibly(nyud):
     root, _ = nyud
-    data = build_data("nyud", root=str(root), crop_size=[16, 20])
+    data = build_data("nyud", root=str(root), crop_size=[16, 20], validation_fraction=0)
+    assert data.validation is None
     torch.manual_seed(0)
     first = data.train[[0, 1, 2]]
     torch.manual_seed(0)
@@ -175,7 +209,7 @@ def test_pascal_train_and_options(pascal):
 
 def test_pascal_missing_annotation_file_is_named(tmp_path):
     root = tmp_path / "pascal"
-    written = write_pascal(root, n_train=1, n_val=1)
+    written = write_pascal(root, n_train=2, n_val=1)
     (root / "human_parts" / f"{written['splits']['val'][0]}.mat").unlink()
     with pytest.raises(DatasetLayoutError, match=r"\.mat not found in .*human_parts"):
         build_data("pascal_context", root=str(root))
@@ -313,7 +347,10 @@ def test_taskonomy_partitions_and_decoded_values(taskonomy):
     assert len(data.tasks) == 11 and data.task_specs["normal"].kind == "normals"
     assert data.task_specs["principal_curvature"].num_outputs == 2 and data.task_specs["principal_curvature"].metric == "mse"
     assert data.task_specs["reshading"].kind == "dense_regression"
-    assert len(data.train) == 4  # allensville (train) + beechwood (val); woodbine is excluded
+    assert len(data.train) == 2 and len(data.validation) == 2  # allensville (train), beechwood (val); no woodbine
+    assert data.validation[0]["pixel_values"].shape == (3, 32, 32)
+    released = build_data("taskonomy", root=str(root), image_size=32, train_on_val_buildings=True)
+    assert len(released.train) == 4 and released.validation is None  # the released code trains on val too
     assert len(data.eval) == 1  # the first tenth (at least one) of collierville's 2 images
     full = build_data("taskonomy", root=str(root), image_size=32, eval_fraction=1.0)
     assert len(full.eval) == 2
@@ -374,7 +411,7 @@ def test_taskonomy_missing_targets(tmp_path):
 
 def test_cityscapes_arrays_and_ignore_values(tmp_path):
     written = write_cityscapes(tmp_path / "cs")
-    data = build_data("cityscapes", root=str(tmp_path / "cs"))
+    data = build_data("cityscapes", root=str(tmp_path / "cs"), validation_fraction=0.0)
     assert data.task_specs["semseg"].num_outputs == 7 and data.task_specs["depth"].metric == "abs_err"
     for index, stored in enumerate(written["val"]):
         got = data.eval[index]

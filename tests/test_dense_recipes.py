@@ -29,6 +29,9 @@ def test_dense_recipes_are_bundled_and_follow_the_papers_setups():
         assert data["dataset"] in available_datasets() and data["root"], name
         assert model["name"] == "hub_multitask" and model["options"]["backbone_pretrained"], name
         assert training["per_device_train_batch_size"] == 8 and training["batch_eval_metrics"] is True, name
+        # the papers train on the whole train list (Taskonomy: train and val buildings, as released)
+        held_out = {"validation_fraction": 0.0} if data["dataset"] != "taskonomy" else {"train_on_val_buildings": True}
+        assert held_out.items() <= data.items(), name
         if name in SEL:
             assert model["options"]["feature_levels"] == [3, 6, 9, 12]
             assert training["max_steps"] == 40000 and training["learning_rate"] == 2e-5

@@ -16,7 +16,16 @@ import numpy as np
 
 from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
-from .layout import DatasetLayoutError, channels_last, dataset_root, limit, read_npy, require_dirs
+from .layout import (
+    VALIDATION_FRACTION,
+    DatasetLayoutError,
+    channels_last,
+    dataset_root,
+    hold_out,
+    limit,
+    read_npy,
+    require_dirs,
+)
 from .lazy import lazy_dataset
 from .transforms import add_ignore_regions, random_flip, random_scale_crop, to_tensors
 
@@ -73,8 +82,10 @@ class CityscapesTransform:
 
 
 def load_cityscapes(root: str | Path | None, split: str = "val", tasks: Sequence[str] | None = None,
-                    size: int | None = None, train: bool = False, **transform_options: Any):
-    """One split (``train`` or ``val``) as a lazily decoded ``datasets.Dataset``."""
+                    size: int | None = None, train: bool = False, part: str = "all",
+                    validation_fraction: float = VALIDATION_FRACTION, **transform_options: Any):
+    """One split (``train`` or ``val``) as a lazily decoded ``datasets.Dataset``; ``part``: the whole
+    split or its training / validation part (:func:`~.layout.hold_out`)."""
     tasks = check_tasks(tasks)
     root = dataset_root(root, NAME, LAYOUT, WHERE)
     require_dirs(root, [f"{split}/image", *(f"{split}/{FOLDERS[t]}" for t in tasks)], NAME, LAYOUT)
@@ -82,7 +93,8 @@ def load_cityscapes(root: str | Path | None, split: str = "val", tasks: Sequence
     numbers = sorted(int(p.stem) for p in images.glob("*.npy") if p.stem.isdigit())
     if not numbers or numbers != list(range(len(numbers))):
         raise DatasetLayoutError(f"{NAME}: {str(images)!r} must hold 0.npy .. N-1.npy. Expected layout:\n{LAYOUT}")
-    ids = limit([str(n) for n in numbers], size, f"{split} size")
+    ids = hold_out([str(n) for n in numbers], part, validation_fraction)
+    ids = limit(ids, size, "validation size" if part == "validation" else f"{split} size")
     columns = {"pixel_values": [str(images / f"{i}.npy") for i in ids]}
     for t in tasks:
         paths = [root / split / FOLDERS[t] / f"{i}.npy" for i in ids]
@@ -90,17 +102,26 @@ def load_cityscapes(root: str | Path | None, split: str = "val", tasks: Sequence
         if missing:
             raise DatasetLayoutError(f"{NAME}: missing {missing[:3]}. Expected layout:\n{LAYOUT}")
         columns[t] = [str(p) for p in paths]
-    return lazy_dataset(columns, load_sample, CityscapesTransform(tasks, train=train, **transform_options), split)
+    transform = CityscapesTransform(tasks, train=train, **transform_options)
+    return lazy_dataset(columns, load_sample, transform, "validation" if part == "validation" else split)
 
 
 @register_dataset("cityscapes")
 def cityscapes_data(root: str | None = None, tasks: Sequence[str] | None = None, train_size: int | None = None,
-                    eval_size: int | None = None, augment: bool = True, **transform_options: Any) -> DataBundle:
-    """Recipe entry point: Cityscapes train (augmented) and val splits."""
+                    eval_size: int | None = None, validation_fraction: float = VALIDATION_FRACTION,
+                    validation_size: int | None = None, augment: bool = True, **transform_options: Any) -> DataBundle:
+    """Recipe entry point: Cityscapes train (augmented), validation and val (the test split). A fixed
+    random ``validation_fraction`` of the train arrays is held out as the validation split;
+    ``validation_fraction=0`` trains on all of them, as the papers do."""
     tasks = check_tasks(tasks)
+    held = float(validation_fraction) > 0
+    common = dict(validation_fraction=validation_fraction, **transform_options)
     return DataBundle(
         tasks=tasks,
-        train=load_cityscapes(root, "train", tasks, train_size, train=augment, **transform_options),
-        eval=load_cityscapes(root, "val", tasks, eval_size, train=False, **transform_options),
+        train=load_cityscapes(root, "train", tasks, train_size, train=augment, part="train" if held else "all",
+                              **common),
+        eval=load_cityscapes(root, "val", tasks, eval_size, train=False, **common),
         task_specs={t: TASKS[t] for t in tasks},
+        validation=load_cityscapes(root, "train", tasks, validation_size, part="validation", **common)
+        if held else None,
     )

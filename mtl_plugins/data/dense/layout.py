@@ -69,6 +69,27 @@ def limit(ids: list[str], size: int | None, what: str) -> list[str]:
     return ids[:size]
 
 
+#: Share of the training list held out as the validation split, when the release has no validation split.
+VALIDATION_FRACTION = 0.1
+
+
+def hold_out(ids: Sequence[str], part: str, fraction: float, seed: int = 0) -> list[str]:
+    """``part`` of ``ids`` split into training and validation: ``"validation"`` is a seeded random
+    ``fraction`` of them (at least one), ``"train"`` the rest, ``"all"`` every id; order is kept."""
+    if part == "all":
+        return list(ids)
+    if part not in ("train", "validation"):
+        raise ValueError(f"part must be 'all', 'train' or 'validation', got {part!r}")
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1) to hold out a validation split, got {fraction}")
+    count = max(1, round(fraction * len(ids)))
+    if count >= len(ids):
+        raise ValueError(f"validation_fraction={fraction} of {len(ids)} training samples leaves none to train on")
+    held = set(np.random.default_rng(seed).permutation(len(ids))[:count].tolist())
+    return [i for n, i in enumerate(ids) if (n in held) == (part == "validation")]
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image as ``H x W x 3`` float32 in [0, 255]."""
     from PIL import Image

@@ -17,9 +17,11 @@ import numpy as np
 from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
 from .layout import (
+    VALIDATION_FRACTION,
     channels_last,
     dataset_root,
     find_file,
+    hold_out,
     limit,
     read_npy,
     read_png,
@@ -81,29 +83,40 @@ def load_sample(row: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def load_nyud(root: str | Path | None, split: str = "val", tasks: Sequence[str] | None = None, size: int | None = None,
-              train: bool = False, crop_size: Sequence[int] = SIZE, **transform_options: Any):
-    """One split as a lazily decoded ``datasets.Dataset`` with ``pixel_values`` and one column per task."""
+              train: bool = False, crop_size: Sequence[int] = SIZE, part: str = "all",
+              validation_fraction: float = VALIDATION_FRACTION, **transform_options: Any):
+    """One split as a lazily decoded ``datasets.Dataset`` with ``pixel_values`` and one column per task;
+    ``part``: the whole split list or its training / validation part (:func:`~.layout.hold_out`)."""
     tasks = check_tasks(tasks)
     root = dataset_root(root, NAME, LAYOUT, WHERE)
     require_dirs(root, ["images", "gt_sets", *(FOLDERS[t] for t in tasks)], NAME, LAYOUT)
-    ids = limit(read_split(root / "gt_sets" / f"{split}.txt", NAME, LAYOUT), size, f"{split} size")
+    ids = hold_out(read_split(root / "gt_sets" / f"{split}.txt", NAME, LAYOUT), part, validation_fraction)
+    ids = limit(ids, size, "validation size" if part == "validation" else f"{split} size")
     columns = {"pixel_values": [str(find_file(root / "images", i, IMAGE_SUFFIXES, NAME, LAYOUT)) for i in ids]}
     for t in tasks:
         columns[t] = [str(find_file(root / FOLDERS[t], i, SUFFIXES[t], NAME, LAYOUT)) for i in ids]
     transform = DenseTransforms({t: TASKS[t].kind for t in tasks}, tuple(crop_size), train=train, **transform_options)
-    return lazy_dataset(columns, load_sample, transform, split)
+    return lazy_dataset(columns, load_sample, transform, "validation" if part == "validation" else split)
 
 
 @register_dataset("nyud")
 def nyud_data(root: str | None = None, tasks: Sequence[str] | None = None, train_split: str = "train",
               eval_split: str = "val", train_size: int | None = None, eval_size: int | None = None,
+              validation_fraction: float = VALIDATION_FRACTION, validation_size: int | None = None,
               crop_size: Sequence[int] = SIZE, augment: bool = True, **transform_options: Any) -> DataBundle:
-    """Recipe entry point: NYUD-v2 train (augmented) and val (deterministic) splits."""
+    """Recipe entry point: NYUD-v2 train (augmented), validation and val (the test split, deterministic).
+
+    The release has no validation split: a fixed random ``validation_fraction`` of the train list is
+    held out as one (what training evaluates on); ``validation_fraction=0`` trains on the whole list,
+    as the papers do, and the bundle has no validation split."""
     tasks = check_tasks(tasks)
-    common = dict(root=root, tasks=tasks, crop_size=crop_size, **transform_options)
+    held = float(validation_fraction) > 0
+    common = dict(root=root, tasks=tasks, crop_size=crop_size, validation_fraction=validation_fraction,
+                  **transform_options)
     return DataBundle(
         tasks=tasks,
-        train=load_nyud(split=train_split, size=train_size, train=augment, **common),
+        train=load_nyud(split=train_split, size=train_size, train=augment, part="train" if held else "all", **common),
         eval=load_nyud(split=eval_split, size=eval_size, train=False, **common),
         task_specs={t: TASKS[t] for t in tasks},
+        validation=load_nyud(split=train_split, size=validation_size, part="validation", **common) if held else None,
     )

@@ -26,10 +26,12 @@ import numpy as np
 from ...tasks import TaskSpec, select_tasks
 from .. import DataBundle, register_dataset
 from .layout import (
+    VALIDATION_FRACTION,
     DatasetLayoutError,
     channels_last,
     dataset_root,
     find_file,
+    hold_out,
     limit,
     read_mat,
     read_png,
@@ -166,8 +168,9 @@ class PascalLoader:
 
 def load_pascal_context(root: str | Path | None, split: str = "val", tasks: Sequence[str] | None = None,
                         size: int | None = None, train: bool = False, crop_size: Sequence[int] = SIZE,
-                        **transform_options: Any):
-    """One split as a lazily decoded ``datasets.Dataset`` with ``pixel_values`` and one column per task."""
+                        part: str = "all", validation_fraction: float = VALIDATION_FRACTION, **transform_options: Any):
+    """One split as a lazily decoded ``datasets.Dataset`` with ``pixel_values`` and one column per task;
+    ``part``: the whole split list or its training / validation part (:func:`~.layout.hold_out`)."""
     tasks = check_tasks(tasks)
     root = dataset_root(root, NAME, LAYOUT, WHERE)
     folders = ["JPEGImages", "ImageSets/Context"] + ["semseg"] * ("semseg" in tasks)
@@ -175,7 +178,9 @@ def load_pascal_context(root: str | Path | None, split: str = "val", tasks: Sequ
     if "normals" in tasks:
         folders.append(FOLDERS["edge"])
     require_dirs(root, folders, NAME, LAYOUT)
-    ids = limit(read_split(root / "ImageSets" / "Context" / f"{split}.txt", NAME, LAYOUT), size, f"{split} size")
+    ids = hold_out(read_split(root / "ImageSets" / "Context" / f"{split}.txt", NAME, LAYOUT), part,
+                   validation_fraction)
+    ids = limit(ids, size, "validation size" if part == "validation" else f"{split} size")
     columns = {"pixel_values": [str(find_file(root / "JPEGImages", i, (".jpg",), NAME, LAYOUT)) for i in ids]}
     for t in tasks:
         if t == "semseg":
@@ -186,15 +191,18 @@ def load_pascal_context(root: str | Path | None, split: str = "val", tasks: Sequ
                 for i in ids:
                     find_file(root / FOLDERS["edge"], i, (".mat",), NAME, LAYOUT)
     transform = DenseTransforms({t: TASKS[t].kind for t in tasks}, tuple(crop_size), train=train, **transform_options)
-    return lazy_dataset(columns, PascalLoader(root), transform, split)
+    return lazy_dataset(columns, PascalLoader(root), transform, "validation" if part == "validation" else split)
 
 
 @register_dataset("pascal_context")
 def pascal_context_data(root: str | None = None, tasks: Sequence[str] | None = None, train_split: str = "train",
                         eval_split: str = "val", train_size: int | None = None, eval_size: int | None = None,
+                        validation_fraction: float = VALIDATION_FRACTION, validation_size: int | None = None,
                         crop_size: Sequence[int] = SIZE, augment: bool = True, saliency_metric: str = "miou",
                         **transform_options: Any) -> DataBundle:
-    """Recipe entry point: PASCAL-Context train (augmented) and val (deterministic) splits.
+    """Recipe entry point: PASCAL-Context train (augmented), validation and val (the test split,
+    deterministic). A fixed random ``validation_fraction`` of the train list is held out as the
+    validation split; ``validation_fraction=0`` trains on the whole list, as the papers do.
 
     ``saliency_metric``: ``miou`` (MTI-Net, the CVPR 2024 Delta_m) or ``maxf`` (the ICLR 2025 code)."""
     tasks = check_tasks(tasks)
@@ -203,10 +211,15 @@ def pascal_context_data(root: str | None = None, tasks: Sequence[str] | None = N
     specs = {t: TASKS[t] for t in tasks}
     if "sal" in specs:
         specs["sal"] = TaskSpec("saliency", 1, "balanced_bce", saliency_metric, True)
-    common = dict(root=root, tasks=tasks, crop_size=crop_size, **transform_options)
+    held = float(validation_fraction) > 0
+    common = dict(root=root, tasks=tasks, crop_size=crop_size, validation_fraction=validation_fraction,
+                  **transform_options)
     return DataBundle(
         tasks=tasks,
-        train=load_pascal_context(split=train_split, size=train_size, train=augment, **common),
+        train=load_pascal_context(split=train_split, size=train_size, train=augment, part="train" if held else "all",
+                                  **common),
         eval=load_pascal_context(split=eval_split, size=eval_size, train=False, **common),
         task_specs=specs,
+        validation=load_pascal_context(split=train_split, size=validation_size, part="validation", **common)
+        if held else None,
     )

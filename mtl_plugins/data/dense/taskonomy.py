@@ -1,8 +1,9 @@
 """Taskonomy, "tiny" split, with the 11 tasks of the ICLR 2025 recipe.
 
-Buildings flagged train or val in ``splits_taskonomy/train_val_test_tiny.csv`` form the training set,
-the others the test set (as in the released code, which also leaves out the buildings listed in
-``EXCLUDED_BUILDINGS`` and evaluates on the first tenth of the test images: ``eval_fraction=0.1``).
+Buildings flagged train in ``splits_taskonomy/train_val_test_tiny.csv`` form the training set, those
+flagged val the validation set, the others the test set. The released code trains on train and val
+(``train_on_val_buildings=True``), leaves out the buildings listed in ``EXCLUDED_BUILDINGS`` and
+evaluates on the first tenth of the test images (``eval_fraction=0.1``).
 Images and targets are resized to 256 x 256 (bilinear); training flips left-right (normals' x
 component negated, which the released loader omits). Values as in the released loader:
 
@@ -76,10 +77,11 @@ def check_tasks(tasks: Sequence[str] | None) -> list[str]:
 
 
 def read_buildings(csv_path: Path, excluded: frozenset[str] = EXCLUDED_BUILDINGS) -> dict[str, list[str]]:
-    """``{"train": [...], "test": [...]}``: train = flagged train or val, test = the rest."""
+    """``{"train": [...], "val": [...], "test": [...]}``: buildings by their flag (train first, then val;
+    unflagged ones are test)."""
     if not csv_path.is_file():
         raise DatasetLayoutError(f"{NAME}: split file {str(csv_path)!r} not found. Expected layout:\n{LAYOUT}")
-    result: dict[str, list[str]] = {"train": [], "test": []}
+    result: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
     for row in rows[1:]:
@@ -90,8 +92,13 @@ def read_buildings(csv_path: Path, excluded: frozenset[str] = EXCLUDED_BUILDINGS
         building = row[0].strip()
         if building in excluded:
             continue
-        result["train" if "1" in (row[1].strip(), row[2].strip()) else "test"].append(building)
+        flags = [value.strip() == "1" for value in row[1:3]]
+        result["train" if flags[0] else "val" if flags[1] else "test"].append(building)
     return result
+
+
+#: The partitions ``load_taskonomy`` reads: groups of flagged buildings.
+PARTITIONS = {"train": ("train",), "val": ("val",), "train+val": ("train", "val"), "test": ("test",)}
 
 
 def target_path(root: Path, task: str, rgb_path: Path) -> Path:
@@ -142,14 +149,16 @@ def load_taskonomy(root: str | Path | None, partition: str = "test", tasks: Sequ
                    split: str = "tiny", size: int | None = None, fraction: float = 1.0, train: bool = False,
                    image_size: int = SIZE, skip_incomplete: bool = False,
                    excluded_buildings: Sequence[str] | None = None):
-    """``partition`` ("train" or "test") of a split as a lazily decoded ``datasets.Dataset``."""
+    """``partition`` (buildings flagged ``train``, ``val``, both: ``train+val``, or ``test``) of a split as
+    a lazily decoded ``datasets.Dataset``."""
     tasks = check_tasks(tasks)
-    if partition not in ("train", "test"):
-        raise ValueError(f"partition must be 'train' or 'test', got {partition!r}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {sorted(PARTITIONS)}, got {partition!r}")
     root = dataset_root(root, NAME, LAYOUT, WHERE)
     require_dirs(root, ["splits_taskonomy", "rgb/taskonomy", *(f"{t}/taskonomy" for t in tasks)], NAME, LAYOUT)
     excluded = EXCLUDED_BUILDINGS if excluded_buildings is None else frozenset(excluded_buildings)
-    buildings = read_buildings(root / "splits_taskonomy" / f"train_val_test_{split}.csv", excluded)[partition]
+    flagged = read_buildings(root / "splits_taskonomy" / f"train_val_test_{split}.csv", excluded)
+    buildings = [b for group in PARTITIONS[partition] for b in flagged[group]]
     columns: dict[str, list[str]] = {"pixel_values": [], **{t: [] for t in tasks}}
     for building in buildings:
         folder = root / "rgb" / "taskonomy" / building
@@ -175,21 +184,27 @@ def load_taskonomy(root: str | Path | None, partition: str = "test", tasks: Sequ
         raise ValueError(f"{partition} size {count} is not in [1, {total}]")
     columns = {k: v[:count] for k, v in columns.items()}
     transform = TaskonomyTransform(tasks, image_size, train=train)
-    return lazy_dataset(columns, transform.load, transform, partition)
+    return lazy_dataset(columns, transform.load, transform, {"val": "validation", "train+val": "train"}.get(partition, partition))
 
 
 @register_dataset("taskonomy")
 def taskonomy_data(root: str | None = None, tasks: Sequence[str] | None = None, split: str = "tiny",
                    train_size: int | None = None, eval_size: int | None = None, eval_fraction: float = 0.1,
+                   validation_size: int | None = None, train_on_val_buildings: bool = False,
                    augment: bool = True, image_size: int = SIZE, skip_incomplete: bool = False,
                    excluded_buildings: Sequence[str] | None = None) -> DataBundle:
-    """Recipe entry point: Taskonomy train (train + val buildings) and test partitions."""
+    """Recipe entry point: Taskonomy train, validation and test partitions. The buildings flagged
+    ``val`` are the validation split (what training evaluates on); ``train_on_val_buildings=True``
+    trains on them too, as the released code does, and the bundle has no validation split."""
     tasks = check_tasks(tasks)
     common = dict(root=root, tasks=tasks, split=split, image_size=image_size, skip_incomplete=skip_incomplete,
                   excluded_buildings=excluded_buildings)
     return DataBundle(
         tasks=tasks,
-        train=load_taskonomy(partition="train", size=train_size, train=augment, **common),
+        train=load_taskonomy(partition="train+val" if train_on_val_buildings else "train", size=train_size,
+                             train=augment, **common),
         eval=load_taskonomy(partition="test", size=eval_size, fraction=eval_fraction, train=False, **common),
         task_specs={t: TASKS[t] for t in tasks},
+        validation=None if train_on_val_buildings else load_taskonomy(partition="val", size=validation_size,
+                                                                      train=False, **common),
     )
