@@ -3,8 +3,9 @@
 The card's metadata carries the tasks, the training method and its settings, per-task metrics,
 Delta_m, the base model, the datasets, the task-specific connection mode and the final task groups
 or priority statistics (keys prefixed ``mtl_``); the text shows the same in tables, and a usage
-snippet that runs as written. No ``pipeline_tag`` is set: no transformers pipeline runs a multi-task
-model (``predict`` returns one output per task).
+snippet that runs as written. ``pipeline_tag`` is the Hub task type most of the tasks share (for
+search on the Hub); no transformers pipeline runs a multi-task model (``predict`` returns one output
+per task), and the card says so.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def build_model_card(
         model_name=(repo_id.split("/")[-1] if repo_id else "multi-task-model") if metrics else None,
         eval_results=eval_results(config, metrics, datasets) or None,
         library_name="transformers",
+        pipeline_tag=pipeline_tag(config),
         license=license,
         base_model=base_model,
         datasets=list(datasets) if datasets else None,
@@ -143,6 +145,13 @@ HUB_TASK_TYPES = {"semantic_segmentation": "image-segmentation", "human_parts": 
                   "normals": "image-to-image", "dense_regression": "image-to-image",
                   "sequence_classification": "text-classification", "regression": "text-classification",
                   "token_classification": "token-classification"}
+
+
+def pipeline_tag(config: Any) -> str:
+    """The Hub task type of most tasks (ties: the earliest task's), e.g. ``image-segmentation`` for
+    NYUD-v2's semseg, depth, normals and edges."""
+    types = [HUB_TASK_TYPES.get(t["kind"], "other") for t in config.tasks]
+    return max(dict.fromkeys(types), key=types.count)
 
 
 def eval_results(config: Any, metrics: Mapping[str, float], datasets: Sequence[str] | None) -> list[EvalResult]:
@@ -193,7 +202,9 @@ def _body(config: Any, repo_id: str | None, extra: Mapping[str, Any], base_model
                   _table(["layer", *config.task_names],
                          [[layer, *shares] for layer, shares in extra["mtl_priority_stats"].items()])]
     name = repo_id or "path/to/checkpoint"
-    parts += ["## Usage", usage_snippet(config, name, name if tokenizer_included else base_model)]
+    parts += ["## Usage", f"The Hub lists the model under `{pipeline_tag(config)}`, but no transformers `pipeline` "
+              "runs a multi-task model: load it as below (`predict` returns one output per task).",
+              usage_snippet(config, name, name if tokenizer_included else base_model)]
     return "\n\n".join(parts) + "\n"
 
 

@@ -110,6 +110,10 @@ def normalize_task(task: Mapping[str, Any], modality: str | None) -> dict[str, A
     return entry
 
 
+#: Special token ids a text backbone's config carries.
+SPECIAL_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
 class MultiTaskConfig(PreTrainedConfig):
     r"""Configuration of a :class:`~mtl_plugins.hub.MultiTaskModel`.
 
@@ -153,6 +157,16 @@ class MultiTaskConfig(PreTrainedConfig):
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
         super().__post_init__(**kwargs)
+        if modality == "text":
+            self._take_special_tokens()
+
+    def _take_special_tokens(self) -> None:
+        """The text backbone's pad / bos / eos token ids, where this config sets none: the Trainer
+        compares them with the tokenizer's (and warns of "new PAD/BOS/EOS tokens" when they are missing)."""
+        for name in SPECIAL_TOKEN_IDS:
+            value = getattr(self.backbone_config, name, None)
+            if value is not None and getattr(self, name, None) is None:
+                setattr(self, name, value)
 
     def _resolve_backbone_config(self) -> PreTrainedConfig | None:
         config = self.backbone_config

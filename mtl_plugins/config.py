@@ -20,11 +20,13 @@ import yaml
 
 RECIPE_PACKAGE = "mtl_plugins.recipes"
 #: Sections whose value is a mapping; ``None`` (an empty YAML section) reads as an empty one.
-SECTIONS = ("data", "model", "strategy", "training")
+SECTIONS = ("data", "model", "strategy", "training", "card")
 #: Top-level recipe keys.
 TOP_LEVEL_KEYS = (*SECTIONS, "baselines", "output_dir")
-#: Keys of the sections with a fixed layout (their ``options`` are free-form).
-SECTION_KEYS = {"model": ("name", "architecture", "options"), "strategy": ("name", "options")}
+#: Keys of the sections with a fixed layout (their ``options`` are free-form). ``card``: the saved
+#: model card's ``license`` and ``datasets`` (Hub ids).
+SECTION_KEYS = {"model": ("name", "architecture", "options"), "strategy": ("name", "options"),
+                "card": ("license", "datasets")}
 BASELINE_MODES = ("cache", "train", "skip")
 
 

@@ -174,6 +174,7 @@ def check_recipe_types(recipe: Mapping[str, Any], strategy: bool = True) -> None
     """Check every option of a (layout-checked) recipe: training, data, model and (unless
     ``strategy=False``) strategy; ``ValueError`` names the first bad key."""
     check_training(recipe.get("training", {}))
+    check_values("card", recipe.get("card", {}), {"license": str, "datasets": list[str]}, "the model card")
     data = dict(recipe.get("data", {}))
     name = data.pop("dataset", "multidigits")
     options = static_datasets().get(name)

@@ -288,10 +288,11 @@ def same_tensors(model: torch.nn.Module, path: Path) -> bool:
 
 
 def save_hub_model(model: torch.nn.Module, folder: Path, summary: Mapping[str, Any], strategy: Any,
-                   processor: Any = None) -> bool:
+                   processor: Any = None, card: Mapping[str, Any] | None = None) -> bool:
     """Save a Hugging Face model with ``save_pretrained`` (safetensors) to ``folder``, with the
     tokenizer or image processor that prepared its inputs and a model card (``README.md``: strategy,
-    test metrics, Delta_m) when its config is a multi-task config.
+    test metrics, Delta_m; ``card``: the recipe's ``license`` and ``datasets``) when its config is a
+    multi-task config.
     Returns False, saving nothing, for models without ``save_pretrained``."""
     if not callable(getattr(model, "save_pretrained", None)):
         return False
@@ -302,10 +303,12 @@ def save_hub_model(model: torch.nn.Module, folder: Path, summary: Mapping[str, A
     if hasattr(getattr(model, "config", None), "task_names"):
         from .hub.card import build_model_card, card_fields_from_strategy
 
-        card = build_model_card(model.config, metrics=summary["test_metrics"], delta_m=summary.get("delta_m"),
-                                tokenizer_included=saves_processor and hasattr(processor, "tokenize"),
-                                **card_fields_from_strategy(strategy))
-        card.save(folder / "README.md")
+        card = dict(card or {})
+        model_card = build_model_card(model.config, metrics=summary["test_metrics"], delta_m=summary.get("delta_m"),
+                                      tokenizer_included=saves_processor and hasattr(processor, "tokenize"),
+                                      license=card.get("license"), datasets=card.get("datasets"),
+                                      **card_fields_from_strategy(strategy))
+        model_card.save(folder / "README.md")
     return True
 
 
@@ -446,7 +449,8 @@ def _run(recipe: Mapping[str, Any], out: Path, staging: Path, baselines: str | N
     from safetensors.torch import save_model
 
     hub_weights = staging / "model" / "model.safetensors"
-    if save_hub_model(result["model"], staging / "model", summary, result["strategy"], processor=data.processor) \
+    if save_hub_model(result["model"], staging / "model", summary, result["strategy"], processor=data.processor,
+                      card=recipe.get("card")) \
             and hub_weights.is_file() and same_tensors(result["model"], hub_weights):
         try:  # one copy of the weights on disk: model.safetensors is a second name for the Hub folder's file
             os.link(hub_weights, staging / "model.safetensors")

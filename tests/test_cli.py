@@ -48,7 +48,7 @@ def test_strategy_name_alone_is_short_for_a_strategy_section():
         ("data=[a, b]", "recipe section 'data' must be a mapping of options"),
         ("model.options=7", "recipe section 'model.options' must be a mapping of options, got 7"),
         ("trainng.seed=1",
-         r"recipe: unknown keys \['trainng'\]; accepted: data, model, strategy, training, baselines, output_dir"),
+         r"recipe: unknown keys \['trainng'\]; accepted: data, model, strategy, training, card, baselines, output_dir"),
         ("model.option.width=8",
          r"recipe section 'model': unknown keys \['option'\]; accepted: name, architecture, options"),
         ("strategy.warmup_steps=3",

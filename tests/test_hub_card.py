@@ -195,7 +195,7 @@ def test_card_states_the_task_connection_mode(mode):
     assert "## Task-specific connections" not in build_model_card(text_config()).text
 
 
-def test_card_metadata_is_plain_yaml_without_a_pipeline_tag():
+def test_card_metadata_is_plain_yaml_with_the_tasks_hub_type_as_pipeline_tag():
     model = MultiTaskModel(MultiTaskConfig(backbone_config=resnet_config(), tasks=DENSE_TASKS[:2])).add_task_connections()
     strategy = mtl_plugins.build_strategy("conn_strength", model.tasks, model=model, schedule="phase2")
     card = build_model_card(model.config, datasets=["nyud-v2"], metrics={"seg/miou": 0.4},
@@ -204,12 +204,21 @@ def test_card_metadata_is_plain_yaml_without_a_pipeline_tag():
     data = yaml.safe_load(header)  # no Python-specific tags
     assert data["library_name"] == "transformers" and data["datasets"] == ["nyud-v2"]
     assert data["tags"] == ["mtl-plugins", "multi-task-learning", "conn_strength"]
-    assert "pipeline_tag" not in data
     assert data["mtl_priority_stats"] == strategy.priority()
+    assert data["pipeline_tag"] == "image-segmentation"  # seg and parts
+    assert "no transformers `pipeline` runs a multi-task model" in card.text
+
+    def tag(*indices):
+        config = MultiTaskConfig(backbone_config=resnet_config(), tasks=[DENSE_TASKS[i] for i in indices])
+        return build_model_card(config).data.to_dict()["pipeline_tag"]
+
+    assert tag(4, 3) == "image-to-image" and tag(3, 4) == "depth-estimation"  # a tie: the earliest task's
+    assert tag(4, 3, 0, 2) == "image-segmentation"  # the type most tasks share
+    assert build_model_card(text_config()).data.to_dict()["pipeline_tag"] == "text-classification"
 
 
 def usage_code(card: ModelCard) -> str:
-    return card.text.split("## Usage\n\n```python\n")[1].split("```")[0]
+    return card.text.split("## Usage\n\n")[1].split("```python\n")[1].split("```")[0]
 
 
 @pytest.mark.parametrize("make_config", [resnet_config, vit_config, bert_config])

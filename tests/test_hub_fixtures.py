@@ -35,9 +35,9 @@ def swin_config():
     return SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2)
 
 
-def bert_config():
+def bert_config(**options):
     return BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                      max_position_embeddings=32)
+                      max_position_embeddings=32, **options)
 
 
 def dense_labels(batch=2, size=32, seed=0):

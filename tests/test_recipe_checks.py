@@ -28,6 +28,8 @@ from mtl_plugins.recipe_checks import check_recipe_types
         ("strategy.options.warmup_steps=x", "strategy.options.warmup_steps should be int, got 'x' (str)"),
         ("strategy.options.warmup=3", "strategy.options.warmup: strategy 'sel_update' has no option 'warmup'; "
                                       "accepted: affinity_decay: float, warmup_steps: int, "),
+        ("card.license=3", "card.license should be str, got 3 (int)"),
+        ("card.licence=mit", "recipe section 'card': unknown keys ['licence']; accepted: license, datasets"),
     ],
 )
 def test_wrong_types_name_the_key_before_any_data_is_built(override, message, monkeypatch, capsys):

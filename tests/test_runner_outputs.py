@@ -26,6 +26,7 @@ def tiny_taskonomy_recipe(root) -> dict:
         "strategy": {"name": "ew"},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 2,
                      "dataloader_num_workers": 0, "logging_steps": 1, "batch_eval_metrics": True},
+        "card": {"license": "apache-2.0", "datasets": ["example-org/taskonomy-tiny"]},
     }
 
 
@@ -65,6 +66,8 @@ def test_run_saves_a_hub_model_that_reloads_and_a_card_with_strategy_and_metrics
     assert results == summary and "delta_m" in results
     card = ModelCard.load(out / "model" / "README.md")
     assert card.data.mtl_method == "ew" and "Strategy: `ew`" in card.text
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["example-org/taskonomy-tiny"]  # the recipe's
+    assert card.data.pipeline_tag == "image-to-image"
     assert card.data.mtl_metrics == pytest.approx(results["test_metrics"])
     assert card.data.mtl_delta_m == pytest.approx(results["delta_m"])
     for name in results["test_metrics"]:

@@ -111,3 +111,42 @@ def test_model_push_to_hub_uploads_the_processor(monkeypatch):
     model = MultiTaskModel(MultiTaskConfig(backbone_config=convnext_config(), tasks=TASKS))
     model.push_to_hub("org/x", processor=ConvNextImageProcessor(size={"shortest_edge": 64}))
     assert b'"shortest_edge": 64' in calls["files"]["preprocessor_config.json"]
+
+
+def test_a_text_model_and_its_tokenizer_raise_no_special_token_notice(tmp_path, caplog):
+    """``Trainer.train`` aligns the config's pad / bos / eos ids with the tokenizer's and warns when they
+    differ; a text model takes them from its backbone, so its own tokenizer changes nothing."""
+    import logging
+
+    from test_hub_fixtures import TEXT_TASKS, bert_config
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from mtl_plugins.pretrained import resolve_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("packaged:all-MiniLM-L6-v2"))
+    model = MultiTaskModel(MultiTaskConfig(backbone_config=bert_config(pad_token_id=tokenizer.pad_token_id),
+                                           tasks=TEXT_TASKS[:2]))
+    assert model.config.pad_token_id == model.config.backbone_config.pad_token_id == tokenizer.pad_token_id
+    assert MultiTaskConfig.from_dict(model.config.to_dict()).pad_token_id == tokenizer.pad_token_id  # reloads
+    args = MultiTaskTrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                      report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(1, 50, (2, 8), generator=g).numpy(),
+                                       "attention_mask": torch.ones(2, 8, dtype=torch.long).numpy(),
+                                       "sentiment": [0, 2], "score": [0.5, -1.0]}).with_format("torch")
+
+    def notices(model):
+        caplog.clear()
+        transformers_logging.enable_propagation()  # transformers' logger does not propagate by default
+        try:
+            with caplog.at_level(logging.WARNING, logger="transformers"):
+                MultiTaskTrainer(model=model, args=args, train_dataset=data, strategy="ew",
+                                 processing_class=tokenizer).train()
+        finally:
+            transformers_logging.disable_propagation()
+        return [r.getMessage() for r in caplog.records if "new PAD/BOS/EOS tokens" in r.getMessage()]
+
+    assert notices(model) == []
+    other = MultiTaskModel(MultiTaskConfig(backbone_config=bert_config(pad_token_id=1), tasks=TEXT_TASKS[:2]))
+    assert len(notices(other)) == 1 and other.config.pad_token_id == tokenizer.pad_token_id  # a real mismatch still warns
