@@ -430,6 +430,33 @@ def test_phase1_updates_one_task_at_a_time():
         assert not torch.equal(now["encoder.0.0.weight"], prior["encoder.0.0.weight"])  # shared layers move
 
 
+@pytest.mark.parametrize("schedule", ["phase1", "phase2"])
+def test_infinite_gradient_in_a_plain_loop_stops_before_the_step_naming_the_task(schedule):
+    """No checking updater: Phase 1 stops at the bad task's own step (earlier tasks' steps stay, and the
+    error says so); Phase 2 stops before its one step, the model untouched."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=model, schedule=schedule)
+    bad = TASKS[1]
+    hook = model.heads[bad].weight.register_hook(lambda grad: grad * float("inf"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = (rf"non-finite gradient for tasks \['{bad}'\]: its Phase 1 step was not taken and the Phase 1 steps "
+               rf"of \['{TASKS[0]}'\] earlier in this batch were taken" if schedule == "phase1" else
+               rf"non-finite gradient for tasks \['{bad}'\]: the optimizer step was not taken and the model was not "
+               r"updated")
+    with pytest.raises(FloatingPointError, match="conn_strength: " + message) as raised:
+        strategy.step(make_closure(model, make_batch(5)), optimizer)
+    hook.remove()
+    assert raised.value.tasks == [bad]
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    moved = [n for n, v in after.items() if not torch.equal(v, before[n])]
+    if schedule == "phase2":
+        assert not [n for n in moved if "running" not in n and "num_batches" not in n]  # the naming pass updates BN stats
+    else:
+        assert "encoder.0.0.weight" in moved and not [n for n in moved if n.startswith(f"heads.{bad}.")]
+
+
 def test_mixing_schedule_runs_phase2_with_probability_progress():
     model = make_model()
     strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=model, seed=3)

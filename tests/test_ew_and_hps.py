@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -124,6 +126,34 @@ def test_infinite_gradient_in_a_plain_loop_stops_ew_before_the_step():
                                                  r"was not taken"):
         mtl_plugins.build_strategy("ew", TASKS).step(make_closure(model, batch()), optimizer)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not optimizer.state
+
+
+@pytest.mark.parametrize("name, options", [("uw", {}), ("dwa", {"steps_per_epoch": 1}), ("gls", {}), ("rlw", {}),
+                                           ("famo", {})])
+def test_infinite_gradient_in_a_plain_loop_stops_a_loss_weighting_and_keeps_its_state(name, options):
+    """Plain loop, no checking updater: the weighting stops before the step, names the task, and its
+    own state (DWA's epoch sums, RLW's generator, UW's log-variances, FAMO's logits) is as before."""
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    strategy = mtl_plugins.build_strategy(name, TASKS, **options)
+    for seed in (1, 2, 3):  # a few good batches first, so DWA has epoch averages and every state has moved
+        strategy.step(make_closure(model, batch(seed=seed)), optimizer)
+    state = strategy.state_dict()
+    before = [p.detach().clone() for p in model.parameters()]
+    hook = model.heads["cls"].weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(FloatingPointError, match=rf"{name}: non-finite gradient for tasks \['cls'\]: the optimizer "
+                                                 r"step was not taken"):
+        strategy.step(make_closure(model, batch(seed=4)), optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    hook.remove()
+    # the weighting continues exactly as a copy that never saw the bad batch
+    twin = mtl_plugins.build_strategy(name, TASKS, **options)
+    twin.load_state_dict(state)
+    for candidate in (strategy, twin):
+        twin_model = copy.deepcopy(model)  # its parameters are the ones before the bad batch
+        candidate.step(make_closure(twin_model, batch(seed=5)), torch.optim.SGD(twin_model.parameters(), lr=0.1))
+    assert strategy.last_weights == twin.last_weights
+    assert str(strategy.state_dict()) == str(twin.state_dict())
 
 
 def test_hps_label_errors_name_the_task_the_expected_labels_and_what_came():

@@ -54,24 +54,27 @@ def check_gradient_norm(norm: Tensor | float) -> None:
                                      "and the model was not updated")
 
 
-def non_finite_gradient_tasks(closure: Closure, tasks: Sequence[str], params: Sequence[Tensor]) -> list[str]:
-    """Tasks whose own loss has a NaN/infinite gradient on a fresh forward pass (for error messages)."""
+def non_finite_gradient_tasks(closure: Closure, tasks: Sequence[str], params: Sequence[Tensor],
+                              per_task: bool = False) -> list[str]:
+    """Tasks whose own loss has a NaN/infinite gradient on a fresh forward pass (for error messages);
+    ``per_task``: one forward per task, ``closure(task)`` (task-specific connections)."""
     trainable = [p for p in params if p.requires_grad]
-    losses = closure()
+    losses = None if per_task else closure()
     bad = []
     for task in tasks:
-        grads = torch.autograd.grad(losses[task], trainable, retain_graph=True, allow_unused=True)
+        loss = closure(task)[task] if per_task else losses[task]  # type: ignore[index]
+        grads = torch.autograd.grad(loss, trainable, retain_graph=not per_task, allow_unused=True)
         if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
             bad.append(task)
     return bad
 
 
 def name_gradient_tasks(error: NonFiniteGradientError, closure: Closure, tasks: Sequence[str],
-                        params: Sequence[Tensor], where: str = "") -> NonFiniteGradientError:
+                        params: Sequence[Tensor], where: str = "", per_task: bool = False) -> NonFiniteGradientError:
     """``error`` restated with the tasks whose gradient is non-finite (found on a fresh forward pass)."""
     if error.tasks is not None:
         return error
-    bad = non_finite_gradient_tasks(closure, tasks, params)
+    bad = non_finite_gradient_tasks(closure, tasks, params, per_task)
     named = f"tasks {bad}" if bad else f"one of tasks {list(tasks)} (not reproduced task by task)"
     return NonFiniteGradientError(f"{where}non-finite gradient for {named}: the optimizer step was not taken and "
                                   "the model was not updated", tasks=bad)

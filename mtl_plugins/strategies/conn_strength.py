@@ -33,7 +33,18 @@ from ..architectures.task_connections import (
     top_priority_task,
 )
 from ..registry import register_strategy
-from .base import Closure, Strategy, Updater, as_updater, losses_to_floats
+from .base import (
+    Closure,
+    NonFiniteGradientError,
+    Strategy,
+    Updater,
+    as_updater,
+    check_gradient_norm,
+    checks_own_gradients,
+    gradient_norm,
+    losses_to_floats,
+    name_gradient_tasks,
+)
 
 Schedule = Literal["mixed", "phase1", "phase2", "sequential"]
 IncompleteNorms = Literal["extend", "released"]
@@ -212,15 +223,29 @@ class ConnectionStrength(Strategy):
 
     def _phase1(self, closure: Closure, updater: Updater) -> list[float]:
         """One forward, backward and optimizer step per task, in task order; the losses are read to the
-        host once, at the end (a non-finite one raises after the batch's steps)."""
+        host once, at the end (a non-finite one raises after the batch's steps). Without an updater that
+        checks the gradients (a plain loop), each task's gradient is checked before its step."""
         losses: dict[str, Tensor] = {}
+        own_check = checks_own_gradients(updater)
         for k, task in enumerate(self.tasks):
             updater.zero_grad()
             loss = self._task_loss(closure, task)
             losses[task] = loss.detach()
             updater.backward(self.task_weights[task] * loss)
+            if own_check:
+                self._check_phase1_gradient(updater, k)
             updater.step(final=k == len(self.tasks) - 1)
         return losses_to_floats(losses, self.tasks)
+
+    def _check_phase1_gradient(self, updater: Updater, k: int) -> None:
+        try:
+            check_gradient_norm(gradient_norm(updater.params))
+        except NonFiniteGradientError:
+            task, applied = self.tasks[k], list(self.tasks[:k])
+            done = (f"the Phase 1 steps of {applied} earlier in this batch were taken" if applied
+                    else "the model was not updated")
+            raise NonFiniteGradientError(f"{self.name}: non-finite gradient for tasks {[task]}: its Phase 1 step was "
+                                         f"not taken and {done}", tasks=[task]) from None
 
     def _phase2(self, closure: Closure, updater: Updater) -> list[float]:
         """K task backwards; connected layers' gradients kept per task, the rest summed; averaged across
@@ -253,7 +278,13 @@ class ConnectionStrength(Strategy):
                 # the released core finds no per-task BatchNorm weight in an incomplete layer: plain sum
                 combined = grads.sum(0) if summed else combine_flat(grads, tops.pop(0))
                 layer.weight.grad.copy_(combined.view_as(layer.weight))  # type: ignore[union-attr]
-        updater.step(final=True)
+        try:
+            if checks_own_gradients(updater):  # a plain loop: no updater checks the gradient
+                check_gradient_norm(gradient_norm(updater.params))
+            updater.step(final=True)
+        except NonFiniteGradientError as error:
+            raise name_gradient_tasks(error, closure, self.tasks, updater.params, f"{self.name}: ",
+                                      per_task=True) from error
         return values
 
     @staticmethod

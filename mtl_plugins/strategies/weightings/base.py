@@ -20,7 +20,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..base import Closure, Updater, WeightingStrategy, as_updater, check_finite_losses, check_losses, to_host
+from ..base import (
+    Closure,
+    NonFiniteGradientError,
+    Updater,
+    WeightingStrategy,
+    as_updater,
+    check_finite_losses,
+    check_gradient_norm,
+    check_losses,
+    checks_own_gradients,
+    gradient_norm,
+    name_gradient_tasks,
+    to_host,
+)
 
 
 def stack_losses(losses: Mapping[str, Tensor | float], tasks: Sequence[str]) -> Tensor:
@@ -79,13 +92,20 @@ class LossWeighting(WeightingStrategy):
         raw = torch.stack([losses[t].detach().reshape(()).to(torch.float64) for t in self.tasks])
         averaged = raw * torch.tensor([self.loss_weights[t] for t in self.tasks], dtype=torch.float64).to(raw.device)
         updater.reduce_([averaged])
-        raw, values = to_host(raw, averaged)  # the step's one host read
+        raw, values = to_host(raw, averaged)  # the losses' host read, before the weights exist
         observed = check_finite_losses(raw.tolist(), self.tasks)
+        before = self.state_dict()  # weights() may move the state (DWA's epoch sums, RLW's generator)
         weights = self.weights(dict(zip(self.tasks, values)))
-        self.last_weights = [float(weights[t]) for t in self.tasks]
         updater.zero_grad()
         updater.backward(sum(float(weights[t]) * self.loss_weights[t] * losses[t] for t in self.tasks))
-        stepped = updater.step(final=True)
+        try:
+            if checks_own_gradients(updater):  # a plain loop: no updater checks the gradient (a second read)
+                check_gradient_norm(gradient_norm(updater.params))
+            stepped = updater.step(final=True)
+        except NonFiniteGradientError as error:
+            self.load_state_dict(before)  # the batch was not applied: neither is it to the weighting
+            raise name_gradient_tasks(error, closure, self.tasks, updater.params, f"{self.name}: ") from error
+        self.last_weights = [float(weights[t]) for t in self.tasks]
         self.after_step(closure, updater, values, stepped is not False)
         self.num_steps += 1
         return dict(zip(self.tasks, observed))
