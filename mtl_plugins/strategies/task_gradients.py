@@ -128,7 +128,10 @@ def task_gradients(
             raise ValueError("the batched Jacobian needs one forward pass shared by every task")
         return batched_task_gradients(closure, updater, tasks, loss_weights, shared, specific, coefficients)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
-    jacobian: Tensor | None = None
+    # Memory as LibMTL's loop: each backward allocates its gradients as its graph frees them (no row
+    # is allocated ahead), they are held as they are (no copy), and the K x n Jacobian is assembled
+    # once every graph is gone.
+    held: list[list[Tensor | None]] = []
     specific_sum: list[Tensor | None] = [None] * len(specific)
     values: list[Tensor] = []
     if one_forward:
@@ -145,19 +148,16 @@ def task_gradients(
             loss = task_losses[task]
             updater.backward(loss_weights[task] * loss)
         values.append(loss.detach().reshape(()).to(torch.float64))
-        if jacobian is None:  # K x n, allocated like the gradients (device, tensor type)
-            like = next((p.grad for p in shared if p.grad is not None), shared[0])
-            jacobian = like.new_empty((len(tasks), sum(p.numel() for p in shared)), dtype=dtype)
-        offset = 0
-        for p in shared:  # row k of the Jacobian, written in place
-            row = jacobian[k, offset : offset + p.numel()]
-            row.copy_(p.grad.reshape(-1)) if p.grad is not None else row.zero_()
-            offset += p.numel()
+        held.append([p.grad for p in shared])
+        for p in shared:  # detached from the parameters: no later zero_grad or backward can change them
+            p.grad = None
         coefficient = 1.0 if coefficients is None else float(coefficients[k])
         for i, p in enumerate(specific):
             if p.grad is not None:
                 g = coefficient * p.grad.to(dtype)
                 specific_sum[i] = g if specific_sum[i] is None else specific_sum[i] + g
+    jacobian = assemble_jacobian(held, shared, dtype)
+    del held
     present = [g for g in specific_sum if g is not None]
     if not updater.averages_gradients:
         updater.reduce_([jacobian, *present])
@@ -167,6 +167,16 @@ def task_gradients(
         for g in present:
             g /= scale
     return TaskGradients(torch.stack(values), jacobian, specific_sum)
+
+
+def assemble_jacobian(held: Sequence[Sequence[Tensor | None]], shared: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The K x n Jacobian from each task's gradients of the shared parameters (zeros where None)."""
+    sizes = [p.numel() for p in shared]
+    jacobian = shared[0].new_empty((len(held), sum(sizes)), dtype=dtype)
+    for row, grads in zip(jacobian, held):
+        for piece, grad in zip(row.split(sizes), grads):
+            piece.copy_(grad.reshape(-1)) if grad is not None else piece.zero_()
+    return jacobian
 
 
 def batched_task_gradients(
