@@ -135,6 +135,7 @@ def task_gradients(
     specific_sum: list[Tensor | None] = [None] * len(specific)
     values: list[Tensor] = []
     if one_forward:
+        updater.zero_grad()  # the last step's gradients are not kept alive through the forward pass
         all_losses = closure()
         check_losses(all_losses, tasks)
     for k, task in enumerate(tasks):
