@@ -40,10 +40,10 @@ from .base import (
     Updater,
     as_updater,
     check_gradient_norm,
+    checked_step,
     checks_own_gradients,
     gradient_norm,
     losses_to_floats,
-    name_gradient_tasks,
 )
 
 Schedule = Literal["mixed", "phase1", "phase2", "sequential"]
@@ -278,13 +278,7 @@ class ConnectionStrength(Strategy):
                 # the released core finds no per-task BatchNorm weight in an incomplete layer: plain sum
                 combined = grads.sum(0) if summed else combine_flat(grads, tops.pop(0))
                 layer.weight.grad.copy_(combined.view_as(layer.weight))  # type: ignore[union-attr]
-        try:
-            if checks_own_gradients(updater):  # a plain loop: no updater checks the gradient
-                check_gradient_norm(gradient_norm(updater.params))
-            updater.step(final=True)
-        except NonFiniteGradientError as error:
-            raise name_gradient_tasks(error, closure, self.tasks, updater.params, f"{self.name}: ",
-                                      per_task=True) from error
+        checked_step(updater, closure, self.tasks, f"{self.name}: ", per_task=True)
         return values
 
     @staticmethod

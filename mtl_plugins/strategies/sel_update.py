@@ -47,15 +47,11 @@ from ..grouping import (
 from ..registry import register_strategy
 from .base import (
     Closure,
-    NonFiniteGradientError,
     NonFiniteLossError,
     Strategy,
     Updater,
     as_updater,
-    check_gradient_norm,
-    checks_own_gradients,
-    gradient_norm,
-    name_gradient_tasks,
+    checked_step,
 )
 
 logger = logging.getLogger(__name__)
@@ -223,14 +219,10 @@ class SelectiveGroupUpdate(Strategy):
             updater.backward(loss)
             if not self.freeze_idle_tasks:
                 self._zero_fill_gradients(updater)
-            try:
-                if checks_own_gradients(updater):
-                    check_gradient_norm(gradient_norm(updater.params))
-                done = bool(updater.step(final=j == len(order) - 1 and not self.measure_last))
-            except NonFiniteGradientError as error:  # a non-finite group loss ends here, before the step
-                self._check_pass(passes[-1], j, order, step, updater)
-                where = f"sel_update batch {step}, group {group} (forward pass {j}, {j} earlier group steps applied): "
-                raise name_gradient_tasks(error, closure, group, updater.params, where) from error
+            where = f"sel_update batch {step}, group {group} (forward pass {j}, {j} earlier group steps applied): "
+            # a non-finite group loss ends here, before the step
+            done = bool(checked_step(updater, closure, group, where, final=j == len(order) - 1 and not self.measure_last,
+                                     on_error=functools.partial(self._check_pass, passes[-1], j, order, step, updater)))
             if not done:  # skipped by a loss scaler: stop if this pass's losses were the cause
                 self._check_pass(passes[-1], j, order, step, updater)
             applied.append(done)
