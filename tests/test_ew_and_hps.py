@@ -156,6 +156,36 @@ def test_infinite_gradient_in_a_plain_loop_stops_a_loss_weighting_and_keeps_its_
     assert str(strategy.state_dict()) == str(twin.state_dict())
 
 
+def same_state(a, b) -> bool:
+    """Equal nested state dicts (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_loss_weightings_that_move_their_state_in_weights_say_so():
+    """``step`` saves the state before ``weights()`` only where ``weights_move_state`` says it moves."""
+    from mtl_plugins.registry import STRATEGIES
+    from mtl_plugins.strategies.weightings.base import LossWeighting
+
+    losses = {t: torch.tensor(0.5 + i) for i, t in enumerate(TASKS)}
+    checked = []
+    for name in mtl_plugins.available_strategies():
+        if not issubclass(STRATEGIES.get(name), LossWeighting):
+            continue
+        strategy = mtl_plugins.build_strategy(name, TASKS, **({"steps_per_epoch": 1} if name == "dwa" else {}))
+        before = strategy.state_dict()
+        for _ in range(3):  # DWA needs two closed epochs before its state stops being its start
+            strategy.weights(losses)
+        assert (not same_state(strategy.state_dict(), before)) == type(strategy).weights_move_state, name
+        checked.append(name)
+    assert {"dwa", "rlw", "uw", "famo", "gls"} <= set(checked)
+
+
 def test_hps_label_errors_name_the_task_the_expected_labels_and_what_came():
     model, b = tiny_model(), batch()
     with pytest.raises(ValueError, match=r"task 'cls': .*labels of shape \(5, 1\) do not match logits of shape "

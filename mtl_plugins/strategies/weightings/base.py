@@ -14,6 +14,7 @@ report it); they are saved by ``state_dict()``. Nothing needs adding to the mode
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,16 +23,12 @@ from torch import Tensor, nn
 
 from ..base import (
     Closure,
-    NonFiniteGradientError,
     Updater,
     WeightingStrategy,
     as_updater,
     check_finite_losses,
-    check_gradient_norm,
     check_losses,
-    checks_own_gradients,
-    gradient_norm,
-    name_gradient_tasks,
+    checked_step,
     to_host,
 )
 
@@ -70,6 +67,10 @@ class OwnedParameter:
 class LossWeighting(WeightingStrategy):
     """Base of the loss-based weightings: :meth:`weights` sees the process-averaged losses."""
 
+    #: True when :meth:`weights` moves the strategy's state (DWA's epoch sums, RLW's generator): the
+    #: state is then saved before each step and restored if the step is refused for a non-finite gradient.
+    weights_move_state: bool = False
+
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
         self.last_weights: list[float] | None = None
@@ -94,17 +95,13 @@ class LossWeighting(WeightingStrategy):
         updater.reduce_([averaged])
         raw, values = to_host(raw, averaged)  # the losses' host read, before the weights exist
         observed = check_finite_losses(raw.tolist(), self.tasks)
-        before = self.state_dict()  # weights() may move the state (DWA's epoch sums, RLW's generator)
+        before = self.state_dict() if self.weights_move_state else None
         weights = self.weights(dict(zip(self.tasks, values)))
         updater.zero_grad()
         updater.backward(sum(float(weights[t]) * self.loss_weights[t] * losses[t] for t in self.tasks))
-        try:
-            if checks_own_gradients(updater):  # a plain loop: no updater checks the gradient (a second read)
-                check_gradient_norm(gradient_norm(updater.params))
-            stepped = updater.step(final=True)
-        except NonFiniteGradientError as error:
-            self.load_state_dict(before)  # the batch was not applied: neither is it to the weighting
-            raise name_gradient_tasks(error, closure, self.tasks, updater.params, f"{self.name}: ") from error
+        # a step refused for a non-finite gradient was not applied: neither is it to the weighting
+        restore = None if before is None else functools.partial(self.load_state_dict, before)
+        stepped = checked_step(updater, closure, self.tasks, f"{self.name}: ", on_error=restore)
         self.last_weights = [float(weights[t]) for t in self.tasks]
         self.after_step(closure, updater, values, stepped is not False)
         self.num_steps += 1

@@ -23,6 +23,8 @@ class DynamicWeightAverage(LossWeighting):
     ``temperature`` is 2, as in the paper.
     """
 
+    weights_move_state = True
+
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0,
                  temperature: float = 2.0, steps_per_epoch: int | None = None):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)

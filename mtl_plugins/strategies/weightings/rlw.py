@@ -17,6 +17,8 @@ class RandomLossWeighting(LossWeighting):
     """RLW (Lin et al. 2022): weights ``softmax(z)``, ``z ~ N(0, I)`` drawn afresh every step from the
     strategy's seed (identical on every process, restored with the state)."""
 
+    weights_move_state = True
+
     def __init__(self, tasks: Sequence[str], *, loss_weights: Mapping[str, float] | None = None, seed: int = 0):
         super().__init__(tasks, loss_weights=loss_weights, seed=seed)
         self.scalarizer = tjd.scalarizer(self.name, "rlw", len(self.tasks))
