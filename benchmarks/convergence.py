@@ -44,10 +44,12 @@ def remaining_gain(history: list[dict[str, float]], higher_is_better: Mapping[st
 def summarize_convergence(summary: dict[str, Any], work_dir: Path, higher_is_better: Mapping[str, bool]) -> None:
     """Add ``convergence`` to every strategy of a quality ``summary`` whose runs left validation logs
     under ``work_dir/<benchmark>/seed<s>/<strategy>/train_log.jsonl``."""
+    from mtl_plugins.compare import run_folder
+
     for name, entry in summary["strategies"].items():
         curves = {}
         for run in entry["runs"]:
-            log = work_dir / summary["benchmark"] / f"seed{run['seed']}" / name / "train_log.jsonl"
+            log = work_dir / summary["benchmark"] / f"seed{run['seed']}" / run_folder(name) / "train_log.jsonl"
             history = validation_history(log) if log.exists() else []
             if len(history) >= 2:
                 curves[run["seed"]] = remaining_gain(history, higher_is_better)

@@ -60,19 +60,21 @@ class Benchmark:
 def strategy_recipe(base: Mapping[str, Any], strategy: str, seed: int, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """``base`` with ``strategy`` (the recipe's own options if it already runs it) and ``training.seed``;
     a strategy that needs task-specific connections gets the ``task_connections`` architecture.
-    ``METHOD+WEIGHTING`` (``conn_strength+uw``) runs ``METHOD`` with the loss scaling ``WEIGHTING``."""
+    ``METHOD+WEIGHTING`` (``conn_strength+uw``) runs ``METHOD`` with the loss scaling ``WEIGHTING``;
+    ``LABEL@ARCHITECTURE`` (``ew@task_connections``) runs ``LABEL`` on that architecture."""
     from mtl_plugins import strategies  # noqa: F401  (registers the built-ins)
     from mtl_plugins.registry import STRATEGIES
     from mtl_plugins.strategies.loss_scaling import split_label
 
+    strategy, _, architecture = strategy.partition("@")
     method, composed = split_label(strategy)
     recipe = copy.deepcopy(dict(base))
     own = recipe.get("strategy") or {}
     chosen = dict(own.get("options") or {}) if own.get("name") == method else dict(options or {})
     recipe["strategy"] = {"name": method, "options": {**chosen, **composed}}
     recipe["training"] = {**recipe.get("training", {}), "seed": seed}
-    if STRATEGIES.get(method).needs_task_connections:
-        recipe["model"] = {**recipe.get("model", {}), "architecture": "task_connections"}
+    if architecture or STRATEGIES.get(method).needs_task_connections:
+        recipe["model"] = {**recipe.get("model", {}), "architecture": architecture or "task_connections"}
     return recipe
 
 
@@ -103,11 +105,11 @@ def run_strategy_job(label: str, recipe: Mapping[str, Any], folder: str) -> dict
     """One training run (in a worker); returns compare's row, the strategy extras and the wall time."""
     import torch
 
-    from mtl_plugins.compare import run_all
+    from mtl_plugins.compare import run_all, run_folder
 
     started = time.perf_counter()
     row = run_all([(label, recipe)], folder, baselines="skip", progress=False)[0]
-    run_dir = Path(folder) / label
+    run_dir = Path(folder) / run_folder(label)
     state = torch.load(run_dir / "strategy_state.pt", weights_only=True)
     (run_dir / "model.safetensors").unlink(missing_ok=True)
     return {"row": row, "extras": strategy_extras(recipe["strategy"]["name"], state),
@@ -120,7 +122,9 @@ def finished_run(work_dir: Path, label: str, recipe: Mapping[str, Any], seed: in
     import yaml
 
     wanted = {k: v for k, v in recipe.items() if k != "output_dir"}
-    for folder in sorted(work_dir.glob(f"*/seed{seed}/{label}")):
+    from mtl_plugins.compare import run_folder
+
+    for folder in sorted(work_dir.glob(f"*/seed{seed}/{run_folder(label)}")):
         done = all((folder / name).is_file() for name in ("config.yaml", "results.json", "strategy_state.pt"))
         if not done or (folder / ".incomplete").exists():
             continue
@@ -275,21 +279,25 @@ def summarize(benchmark: Benchmark, outcomes: Sequence[tuple[Job, dict]], seeds:
             "strategies": strategies, "single_task": single, "verdicts": verdicts, "delta_m_metrics": selection}
 
 
+#: ``ew`` on ``conn_strength``'s architecture: tells its update rule apart from its extra per-task BatchNorms.
+SAME_ARCHITECTURE_EW = "ew@task_connections"
+
 #: Strategies that combine per-task gradients (the "gradient baselines" the methods are compared with).
 GRADIENT_BASELINES = ("pcgrad", "cagrad", "mgda", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "graddrop",
                       "gradvac", "gradnorm")
 
 
 def compare_methods(strategies: Mapping[str, Any], per_seed: Mapping[str, Mapping[int, float]]) -> list[dict[str, Any]]:
-    """``sel_update`` and ``conn_strength`` against ``ew`` and against the gradient baseline with the best
-    mean Delta_m: paired per-seed difference of Delta_m with its 95% t interval, and the verdict."""
+    """``sel_update`` and ``conn_strength`` against ``ew``, against the gradient baseline with the best
+    mean Delta_m and, for ``conn_strength``, against ``ew`` on its own architecture (``SAME_ARCHITECTURE_EW``,
+    where run): paired per-seed difference of Delta_m with its 95% t interval, and the verdict."""
     gradient = [n for n in GRADIENT_BASELINES if strategies.get(n, {}).get("delta_m")]
     best = max(gradient, key=lambda n: strategies[n]["delta_m"][0]) if gradient else None
     rows = []
     for method in ("sel_update", "conn_strength"):
         if method not in per_seed:
             continue
-        for other in ("ew", best):
+        for other in ("ew", best, SAME_ARCHITECTURE_EW if method == "conn_strength" else None):
             if other is None or other not in per_seed:
                 continue
             difference = paired_difference(per_seed[method], per_seed[other])

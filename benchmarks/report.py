@@ -180,9 +180,9 @@ def render_benchmark(summary: Mapping[str, Any]) -> str:
     if summary.get("note"):
         parts += [summary["note"], ""]
     if summary.get("reused_runs"):
-        parts += [f"{summary['reused_runs']} of these runs were read from identical runs (same recipe, options and "
-                  "seed) of another benchmark in the same work folder (`--reuse-runs`) instead of being trained again.",
-                  ""]
+        parts += [f"{summary['reused_runs']} of these runs were read from identical finished runs (same recipe, options "
+                  "and seed) in the same work folder (`--reuse-runs`) instead of being trained again; the wall time above "
+                  "counts only what this command trained.", ""]
     if summary.get("failures"):
         parts += ["Failed runs (left out of the means):", "", *(f"* {f}" for f in summary["failures"]), ""]
     rows = []

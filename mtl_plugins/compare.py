@@ -91,6 +91,11 @@ def compare(recipe: Mapping[str, Any], specs: Sequence[str], output_dir: str | P
     return run_all(prepare(recipe, specs), output_dir, baselines, progress)
 
 
+def run_folder(label: str) -> str:
+    """The folder name of the run labelled ``label`` (characters other than ``A-Za-z0-9_.=+-`` become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label)
+
+
 def run_all(runs: Sequence[tuple[str, Mapping[str, Any]]], output_dir: str | Path,
             baselines: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run prepared ``(label, recipe)`` pairs (see :func:`prepare`) into ``output_dir/<label>``.
@@ -102,7 +107,7 @@ def run_all(runs: Sequence[tuple[str, Mapping[str, Any]]], output_dir: str | Pat
     mode = baselines or runs[0][1].get("baselines", "cache")
     rows, reference = [], None
     for i, (label, run) in enumerate(runs):
-        folder = out / re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label)
+        folder = out / run_folder(label)
         # single-task baselines are trained at most once: later runs read them from the cache
         summary = run_recipe(run, output_dir=folder, baselines=mode if i == 0 or mode != "train" else "cache",
                              progress=progress)

@@ -40,6 +40,29 @@ def test_composed_cells_train_the_method_with_the_loss_scaling():
     assert {j.strategy: j.weight for j in jobs} == {"uw": 1.0, "pcgrad+uw": 5.0}  # pcgrad: one pass per task
 
 
+def test_a_label_at_an_architecture_trains_on_that_architecture_in_its_own_folder(tmp_path):
+    from mtl_plugins.compare import run_folder
+
+    base = quality.Benchmark("multidigits", "quickstart").load()
+    control = quality.strategy_recipe(base, "ew@task_connections", 2, None)
+    assert control["strategy"] == {"name": "ew", "options": {}} and control["model"]["architecture"] == "task_connections"
+    composed = quality.strategy_recipe(base, "pcgrad+uw@task_connections", 0, None)
+    assert composed["strategy"] == {"name": "pcgrad", "options": {"loss_scaling": "uw"}}
+    assert composed["model"]["architecture"] == "task_connections"
+    plain = quality.strategy_recipe(base, "ew", 2, None)
+    assert plain["model"].get("architecture", "hps") == "hps"
+    # the finished run is found where compare.run_all writes it (a folder name without '@')
+    folder = tmp_path / "rooms" / "seed2" / run_folder("ew@task_connections")
+    assert folder.name == "ew_task_connections"
+    folder.mkdir(parents=True)
+    import yaml
+    (folder / "config.yaml").write_text(yaml.safe_dump(control))
+    for name in ("results.json", "strategy_state.pt"):
+        (folder / name).write_text("{}")
+    assert quality.finished_run(tmp_path, "ew@task_connections", control, 2) == folder
+    assert quality.finished_run(tmp_path, "ew@task_connections", plain, 2) is None
+
+
 def entry(mean: float, spread: float) -> dict:
     return {"delta_m": (mean, spread), "metrics": {}, "runs": []}
 

@@ -85,3 +85,26 @@ def test_summary_pairs_every_strategy_with_ew_by_seed():
     assert set(rows) == {("sel_update", "ew"), ("sel_update", best_gradient)}
     diffs = delta["sel_update"] - delta[best_gradient]
     assert rows[("sel_update", best_gradient)]["difference"]["mean"] == pytest.approx(diffs.mean())
+
+
+def test_conn_strength_is_also_compared_with_ew_on_its_own_architecture():
+    """``ew@task_connections`` (ew on conn_strength's architecture) is the control that separates the
+    update rule from the per-task BatchNorms: conn_strength is paired with it, sel_update is not."""
+    control = "ew@task_connections"
+    bench = Benchmark("toy", "quickstart", strategies=("ew", "sel_update", "conn_strength", control))
+    seeds = [0, 1, 2]
+    accuracy = {"ew": [0.80, 0.81, 0.79], "sel_update": [0.82, 0.83, 0.80], "conn_strength": [0.85, 0.84, 0.86],
+                control: [0.83, 0.83, 0.82]}
+    outcomes = []
+    for i, seed in enumerate(seeds):
+        outcomes.append((Job("baseline", "toy", seed, "single-task", 1.0, ()),
+                         {"metrics": {"a/accuracy": 0.8}, "higher_is_better": {"a/accuracy": True}, "seconds": 1.0}))
+        for name, values in accuracy.items():
+            row = {"a/accuracy": values[i], "ms_per_batch": 1.0}
+            outcomes.append((Job("strategy", "toy", seed, name, 1.0, ()), {"row": row, "extras": {}, "seconds": 1.0}))
+    summary = summarize(bench, outcomes, seeds)
+    rows = {(r["method"], r["against"]): r for r in summary["verdicts"]}
+    assert set(rows) == {("sel_update", "ew"), ("conn_strength", "ew"), ("conn_strength", control)}
+    diffs = [100 * (a - b) / 0.8 for a, b in zip(accuracy["conn_strength"], accuracy[control])]
+    assert rows[("conn_strength", control)]["difference"]["mean"] == pytest.approx(sum(diffs) / 3)
+    assert control not in {r["against"] for r in summary["verdicts"] if r["method"] == "sel_update"}
