@@ -313,11 +313,26 @@ class StepRecorder(TrainerCallback):
         self.records.append((snapshot(self.trainer.model), learned, self.trainer.lr_scheduler.last_epoch))
 
 
+def overflow_first_backward(model: nn.Module) -> None:
+    """The first backward's gradient of the first encoder weight leaves float32's range, as under a loss
+    scale too large for the gradients (a 2**127 scale alone overflowed this batch's gradients with
+    accelerate 1.15 but leaves them finite, up to 1e38, with 1.16)."""
+    weight = model.encoder[0].weight
+
+    def hook(grad):
+        handle.remove()
+        return grad * 1e30
+
+    handle = weight.register_hook(hook)
+
+
 def train_overflowing_first_batch(tmp_path, name, optim="sgd", **strategy_options):
     """Three batches under fp16; the first overflows (huge loss scale), the scaler then backs off to 2**7."""
     args = make_args(tmp_path / name / optim, steps=3, fp16=True, logging_steps=1, optim=optim,
                      train_sampling_strategy="sequential")
-    trainer = MultiTaskTrainer(model=vector_model(), args=args, train_dataset=vector_data(32), strategy=name,
+    model = vector_model()
+    overflow_first_backward(model)
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=vector_data(32), strategy=name,
                                strategy_options=strategy_options or None)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120,
                                                       growth_interval=1000)
