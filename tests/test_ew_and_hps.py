@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from ddp_worker import same
 from torch import nn
 
 import mtl_plugins
@@ -153,18 +154,7 @@ def test_infinite_gradient_in_a_plain_loop_stops_a_loss_weighting_and_keeps_its_
         twin_model = copy.deepcopy(model)  # its parameters are the ones before the bad batch
         candidate.step(make_closure(twin_model, batch(seed=5)), torch.optim.SGD(twin_model.parameters(), lr=0.1))
     assert strategy.last_weights == twin.last_weights
-    assert str(strategy.state_dict()) == str(twin.state_dict())
-
-
-def same_state(a, b) -> bool:
-    """Equal nested state dicts (tensors compared exactly)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    return a == b
+    assert same(strategy.state_dict(), twin.state_dict())
 
 
 def test_loss_weightings_that_move_their_state_in_weights_say_so():
@@ -181,7 +171,7 @@ def test_loss_weightings_that_move_their_state_in_weights_say_so():
         before = strategy.state_dict()
         for _ in range(3):  # DWA needs two closed epochs before its state stops being its start
             strategy.weights(losses)
-        assert (not same_state(strategy.state_dict(), before)) == type(strategy).weights_move_state, name
+        assert (not same(strategy.state_dict(), before)) == type(strategy).weights_move_state, name
         checked.append(name)
     assert {"dwa", "rlw", "uw", "famo", "gls"} <= set(checked)
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from ddp_worker import same
 from torch import nn
 
 import mtl_plugins
@@ -274,16 +275,6 @@ def test_conn_strength_with_loss_scaling_equals_the_step_by_step_reference(sched
 
 
 # -- static weights 1 -------------------------------------------------------------------------------
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("name, options", [("pcgrad", {}), ("cagrad", {}), ("sel_update", {"warmup_steps": 1}),
                                            ("conn_strength", {"schedule": "mixed"})])
 def test_ew_loss_scaling_equals_the_bare_method_exactly(name, options):
