@@ -144,11 +144,12 @@ def checks_own_gradients(updater: Updater) -> bool:
     return updater.loss_scale == 1.0 and not getattr(updater, "check_finite", False)
 
 
-def checked_step(updater: Updater, closure: Closure, tasks: Sequence[str], where: str = "", *, final: bool = True,
-                 per_task: bool = False, on_error: Callable[[], None] | None = None) -> bool:
+def checked_step(updater: Updater, closure: Closure, tasks: Sequence[str], where: str | Callable[[], str] = "", *,
+                 final: bool = True, per_task: bool = False, on_error: Callable[[], None] | None = None) -> bool:
     """``updater.step(final)``, first checking the gradient where nothing else does (a plain loop: one more
     host read). A non-finite gradient raises :class:`NonFiniteGradientError` naming ``tasks`` whose own
-    gradient is non-finite (after ``on_error``, e.g. restoring a strategy's state); returns the step's outcome."""
+    gradient is non-finite, prefixed by ``where`` (or what it returns, built only then), after ``on_error``
+    (e.g. restoring a strategy's state); returns the step's outcome."""
     try:
         if checks_own_gradients(updater):
             check_gradient_norm(gradient_norm(updater.params))
@@ -156,7 +157,8 @@ def checked_step(updater: Updater, closure: Closure, tasks: Sequence[str], where
     except NonFiniteGradientError as error:
         if on_error is not None:
             on_error()
-        raise name_gradient_tasks(error, closure, tasks, updater.params, where, per_task) from error
+        prefix = where() if callable(where) else where
+        raise name_gradient_tasks(error, closure, tasks, updater.params, prefix, per_task) from error
 
 
 def as_updater(optimizer: torch.optim.Optimizer | Updater) -> Updater:

@@ -219,7 +219,8 @@ class SelectiveGroupUpdate(Strategy):
             updater.backward(loss)
             if not self.freeze_idle_tasks:
                 self._zero_fill_gradients(updater)
-            where = f"sel_update batch {step}, group {group} (forward pass {j}, {j} earlier group steps applied): "
+            where = functools.partial("sel_update batch {}, group {} (forward pass {}, {} earlier group steps applied): "
+                                      .format, step, group, j, j)
             # a non-finite group loss ends here, before the step
             done = bool(checked_step(updater, closure, group, where, final=j == len(order) - 1 and not self.measure_last,
                                      on_error=functools.partial(self._check_pass, passes[-1], j, order, step, updater)))
