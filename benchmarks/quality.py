@@ -121,9 +121,9 @@ def finished_run(work_dir: Path, label: str, recipe: Mapping[str, Any], seed: in
     training, seed included) under any benchmark of ``work_dir``, or None."""
     import yaml
 
-    wanted = {k: v for k, v in recipe.items() if k != "output_dir"}
     from mtl_plugins.compare import run_folder
 
+    wanted = {k: v for k, v in recipe.items() if k != "output_dir"}
     for folder in sorted(work_dir.glob(f"*/seed{seed}/{run_folder(label)}")):
         done = all((folder / name).is_file() for name in ("config.yaml", "results.json", "strategy_state.pt"))
         if not done or (folder / ".incomplete").exists():
