@@ -50,7 +50,7 @@ class Settings:
     scaling_tasks: list[int]
     scaling_repeats: int
     scaling_aggregators: list[str] | None  # None: every gradient aggregator
-    side_repeats: int = 7
+    side_repeats: int = 15
     side_aggregators: list[str] | None = None  # None: every gradient aggregator
     side_models: list[str] = field(default_factory=lambda: ["cnn", "resnet"])
     benchmarks: list[Benchmark] = field(default_factory=list)

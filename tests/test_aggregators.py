@@ -19,8 +19,9 @@ from mtl_plugins.strategies import torchjd_adapter
 from mtl_plugins.strategies.base import NonFiniteGradientError, Updater
 
 TASKS = ["a", "b", "c"]
-TORCHJD_BACKED = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop"]
-ALL = TORCHJD_BACKED + ["cagrad", "nash_mtl"]
+TORCHJD_BACKED = ["pcgrad", "imtl", "upgrad", "aligned_mtl", "gradvac"]
+WRITTEN_HERE = ["mgda", "graddrop", "cagrad", "nash_mtl"]
+ALL = TORCHJD_BACKED + WRITTEN_HERE
 DTYPE = torch.float64
 
 
@@ -108,6 +109,37 @@ def test_mgda_two_tasks_closed_form(case):
         assert alpha in (0.0, 1.0)
     expected = alpha * g1 + (1 - alpha) * g2
     torch.testing.assert_close(build("mgda").aggregate(J), expected, rtol=1e-8, atol=1e-10)
+
+
+def _gramian_cases():
+    """Gramians MGDA meets: random, two strongly conflicting tasks, a duplicated task, a zero gradient,
+    one task dominating by scale, and a rank-deficient five-task case."""
+    cases = []
+    for seed, k in [(5, 3), (6, 5), (7, 8)]:
+        cases.append(jacobian(k, 30, seed))
+    conflict = jacobian(3, 30, 8)
+    conflict[1] = -0.9 * conflict[0] + 0.05 * conflict[1]
+    duplicate = jacobian(4, 30, 9)
+    duplicate[3] = duplicate[1]
+    zero = jacobian(3, 30, 10)
+    zero[2] = 0.0
+    scaled = jacobian(3, 30, 11) * torch.tensor([[1e3], [1.0], [1e-3]], dtype=DTYPE)
+    low_rank = jacobian(2, 30, 12)
+    low_rank = torch.randn(5, 2, generator=torch.Generator().manual_seed(12), dtype=DTYPE) @ low_rank
+    cases += [conflict, duplicate, zero, scaled, low_rank]
+    return [J @ J.T for J in cases]
+
+
+@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("epsilon, max_iters", [(1e-5, 250), (1e-3, 100), (1e-8, 5)])
+def test_mgda_weights_equal_torchjds_frank_wolfe(index, epsilon, max_iters):
+    from torchjd.aggregation import MGDAWeighting
+
+    gramian = _gramian_cases()[index]
+    expected = MGDAWeighting(epsilon=epsilon, max_iters=max_iters)(gramian)
+    got = build("mgda", epsilon=epsilon, max_iters=max_iters).gramian_weights(gramian)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert float(got.sum()) == pytest.approx(1.0) and bool((got >= 0).all())
 
 
 def _golden_section(f, lo=0.0, hi=1.0, iterations=200):
@@ -244,6 +276,23 @@ def test_graddrop_keeps_one_sign_per_coordinate_with_the_purity_probability():
     assert kept_positive / 400 == pytest.approx(0.75, abs=0.07)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_graddrop_equals_torchjds_graddrop_with_the_same_draws(seed):
+    from torchjd.aggregation import GradDrop
+
+    J = jacobian(4, 500, 20 + seed)
+    J[:, :20] = 0.0  # zero columns: nothing kept
+    J[:, 20:40] = J[:, 20:40].abs()  # one-signed columns: purity 1 or 0
+    J[:, 40:60] = -J[:, 40:60].abs()
+    J[0, 60:80] = 0.0
+    strategy = build("graddrop", ["a", "b", "c", "d"])
+    with torchjd_adapter.seeded(seed):
+        expected = GradDrop()(J)
+    with torchjd_adapter.seeded(seed):
+        got = strategy.aggregate(J)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
 # -- the strategy step -------------------------------------------------------------------------------
 def test_step_writes_aggregate_to_shared_and_each_task_gradient_to_its_head():
     weights = {"a": 2.0, "b": 1.0, "c": 0.5}
@@ -337,6 +386,34 @@ def test_overflow_skips_the_step_and_leaves_the_state_untouched():
     for p, q in zip(tiny_model().parameters(), model.parameters()):
         assert torch.equal(p, q)
     assert strategy.state_dict()["vaccine_state"]["phi"] is None
+
+
+def _task_gradients(jacobian, specific):
+    from mtl_plugins.strategies.task_gradients import TaskGradients
+
+    return TaskGradients(torch.ones(len(jacobian), dtype=torch.float64), jacobian, specific)
+
+
+def test_read_flags_a_non_finite_jacobian_row_or_task_specific_gradient():
+    J = jacobian(3, 10, 30).float()
+    head = torch.ones(4)
+    assert _task_gradients(J, [head, None]).read(TASKS).finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = J.clone()
+        broken[1, 7] = bad
+        assert not _task_gradients(broken, [head]).read(TASKS).finite
+        broken_head = head.clone()
+        broken_head[2] = bad
+        assert not _task_gradients(J, [None, broken_head]).read(TASKS).finite
+
+
+def test_read_recomputes_an_overflowing_gramian_of_finite_gradients_in_float64():
+    J = jacobian(3, 10, 31)
+    J[0] *= 1e25  # finite in float32; its squares (1e50) are not
+    host = _task_gradients(J.float(), []).read(TASKS)
+    assert host.finite
+    reference = J.float().double() @ J.float().double().T
+    torch.testing.assert_close(host.gramian, reference, rtol=1e-12, atol=0.0)
 
 
 class SqrtModel(nn.Module):
@@ -507,10 +584,13 @@ def test_missing_torchjd_names_the_extra_at_build_time(name, monkeypatch):
         build(name)
 
 
-def test_strategies_written_here_build_without_torchjd(monkeypatch):
+@pytest.mark.parametrize("name", WRITTEN_HERE)
+def test_strategies_written_here_build_and_step_without_torchjd(name, monkeypatch):
     _hide_torchjd(monkeypatch)
-    assert build("cagrad").name == "cagrad"
-    assert build("nash_mtl").name == "nash_mtl"
+    model = tiny_model()
+    before = copy.deepcopy(model)
+    build(name, TASKS, model=model).step(make_closure(model, make_batch()), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not torch.equal(before.encoder[0].weight, model.encoder[0].weight)
 
 
 def test_incompatible_torchjd_version_is_reported(monkeypatch):

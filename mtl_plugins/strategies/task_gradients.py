@@ -21,11 +21,12 @@ one row of a K x n Jacobian ``J``. Task-specific parameters receive their own ta
    scale, because ``updater.step`` unscales what it finds in ``p.grad``.
 
 Nothing is read to the host while the gradients are computed: :meth:`TaskGradients.read` reads the
-losses, a finiteness flag and the Gramian ``J J^T`` in one transfer.
+losses, the Gramian ``J J^T`` and the task-specific gradients' sum (finiteness) in one transfer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,13 +96,36 @@ class TaskGradients:
         bounds = [b for g in (self.jacobian, *(g for g in self.specific if g is not None)) for b in (g.amax(), g.amin())]
         return torch.isfinite(torch.stack([b.to(torch.float64) for b in bounds])).all().to(torch.float64)
 
+    def specific_total(self) -> Tensor:
+        """The sum of every task-specific gradient (float64, on the device): non-finite if any entry is."""
+        sums = [g.sum(dtype=torch.float64) for g in self.specific if g is not None]
+        return torch.stack(sums).sum() if sums else self.losses.new_zeros(())
+
+    def float64_gramian(self) -> Tensor:
+        """``J J^T`` accumulated in float64 over column blocks (no float64 copy of J)."""
+        k = self.jacobian.shape[0]
+        gramian = self.jacobian.new_zeros((k, k), dtype=torch.float64)
+        for block in self.jacobian.split(1 << 18, dim=1):
+            block = block.to(torch.float64)
+            gramian += block @ block.T
+        return gramian
+
     def read(self, tasks: Sequence[str], *extra: Tensor) -> HostValues:
         """Losses, finiteness, Gramian ``J J^T`` and ``extra`` tensors, read to the host in one transfer;
-        raises :class:`NonFiniteLossError` for a NaN/inf loss."""
+        raises :class:`NonFiniteLossError` for a NaN/inf loss.
+
+        Finiteness is read from the Gramian (a NaN or inf in row t makes ``G_tt`` non-finite) and
+        the task-specific gradients' sum, so no pass over J is added. Only when one of them is
+        non-finite (fp16 overflow, or finite gradients whose products overflow) the gradients
+        themselves are checked, in a second read, and a finite Jacobian's Gramian is recomputed
+        in float64."""
         gramian = self.jacobian @ self.jacobian.T
-        losses, finite, gramian, *rest = to_host(self.losses, self.finite_flag(), gramian, *extra)
+        losses, total, gramian, *rest = to_host(self.losses, self.specific_total(), gramian, *extra)
         values = check_finite_losses(losses.tolist(), tasks)
-        return HostValues(values, bool(finite == 1.0), gramian, rest)
+        finite = math.isfinite(float(total)) and bool(torch.isfinite(gramian).all())
+        if not finite and bool(self.finite_flag() == 1.0):
+            finite, gramian = True, self.float64_gramian().cpu()
+        return HostValues(values, finite, gramian, rest)
 
 
 def task_gradients(

@@ -1,8 +1,10 @@
 """Gradient aggregators: combine the per-task gradients of the shared parameters, one module per method.
 
-Weightings of the Gramian ``J J^T`` come from torchjd (extra ``baselines``) through
-:mod:`~mtl_plugins.strategies.torchjd_adapter`; CAGrad and Nash-MTL are solved here
-(:mod:`.solvers`: scipy and a Newton method) because torchjd's versions need cvxpy.
+PCGrad, IMTL-G, UPGrad, Aligned-MTL and GradVac weight the Gramian ``J J^T`` with torchjd (extra
+``baselines``) through :mod:`~mtl_plugins.strategies.torchjd_adapter`. MGDA, CAGrad and Nash-MTL
+are solved here (:mod:`.solvers`: Frank-Wolfe in numpy, where torchjd's runs one torch operation at
+a time; scipy and a Newton method, where torchjd's need cvxpy), and GradDrop combines the Jacobian
+in two column reductions (torchjd's masks each of the K rows), with torchjd's random draws.
 """
 
 from . import aligned_mtl, cagrad, graddrop, gradvac, imtl, mgda, nash_mtl, pcgrad, upgrad  # noqa: F401  (registration)

@@ -1,5 +1,6 @@
-"""The two Gramian solvers written here (torchjd's versions need cvxpy): CAGrad's dual and Nash-MTL's
-bargaining equation. Both take the K x K Gramian ``J J^T`` and return K weights (float64)."""
+"""The Gramian solvers written here: MGDA's Frank-Wolfe (in numpy, where torchjd's runs one torch
+operation at a time), CAGrad's dual and Nash-MTL's bargaining equation (torchjd's versions need
+cvxpy). Each takes the K x K Gramian ``J J^T`` and returns K weights (float64)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,29 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def mgda_weights(gramian: Tensor, epsilon: float = 1e-5, max_iters: int = 250) -> Tensor:
+    """MGDA's weights: the minimum-norm point of the task gradients' convex hull by Frank-Wolfe
+    (Sener & Koltun 2018, Algorithm 2; the step and stopping rule of torchjd's ``MGDAWeighting``).
+
+    From ``alpha = 1/K``: the vertex ``t = argmin G alpha``, the exact line search between
+    ``alpha`` and ``e_t`` (``a = (G alpha)_t``, ``b = alpha^T G alpha``, ``c = G_tt``), and a stop
+    when the step ``gamma`` is below ``epsilon``.
+    """
+    g = gramian.detach().cpu().double().numpy()
+    k = g.shape[0]
+    alpha = np.full(k, 1.0 / k)
+    for _ in range(max_iters):
+        g_alpha = g @ alpha
+        t = int(np.argmin(g_alpha))
+        a, b, c = g_alpha[t], alpha @ g_alpha, g[t, t]
+        gamma = 1.0 if c <= a else 0.0 if b <= a else (b - a) / (b + c - 2 * a)
+        alpha = (1 - gamma) * alpha
+        alpha[t] += gamma
+        if gamma < epsilon:
+            break
+    return torch.from_numpy(alpha)
 
 
 def cagrad_weights(gramian: Tensor, c: float, rescale: int = 1) -> Tensor:
