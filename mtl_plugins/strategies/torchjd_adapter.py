@@ -82,12 +82,10 @@ def _least_squares_projector() -> Any:
 
 
 def gramian_weighting(user: str, method: str, num_tasks: int, **options: Any) -> Callable[[Tensor], Tensor]:
-    """torchjd's weighting for ``method`` (pcgrad, mgda, imtl, upgrad, aligned_mtl, gradvac) on a Gramian."""
+    """torchjd's weighting for ``method`` (pcgrad, imtl, upgrad, aligned_mtl, gradvac) on a Gramian."""
     aggregation = require_torchjd(user)
     if method == "pcgrad":
         return aggregation.PCGradWeighting()
-    if method == "mgda":
-        return aggregation.MGDAWeighting(**options)
     if method == "imtl":
         return aggregation.IMTLGWeighting()
     if method == "upgrad":
@@ -98,11 +96,6 @@ def gramian_weighting(user: str, method: str, num_tasks: int, **options: Any) ->
     if method == "gradvac":
         return aggregation.GradVacWeighting(**options)
     raise ValueError(f"no torchjd Gramian weighting for {method!r}")
-
-
-def graddrop(user: str) -> Callable[[Tensor], Tensor]:
-    """torchjd's GradDrop aggregator: Jacobian (K x n) -> combined gradient (n)."""
-    return require_torchjd(user).GradDrop()
 
 
 def weighting_state(weighting: Any) -> dict[str, Any]:

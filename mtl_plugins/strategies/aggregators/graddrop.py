@@ -16,11 +16,11 @@ from .base import GradientAggregation, JacobianMode
 class GradDrop(GradientAggregation):
     """GradDrop (Chen et al. 2020): per coordinate, keep only the gradients of one sign, chosen at
     random with the probability of the sign's purity. By default applied to the shared parameters'
-    gradients (torchjd's form, with the same random draws); with ``rep_grad=True`` to the shared representation, as in the paper
-    and LibMTL: per feature, the batch sums of ``sign(z) * dL_t/dz`` give the purity
-    ``P = (1 + sum_t g_t / sum_t |g_t|) / 2``; with ``U ~ U(0, 1)``, task t's per-sample gradients
-    are kept where ``P > U`` and ``g_t > 0`` or ``P < U`` and ``g_t < 0``, and summed."""
-
+    gradients (torchjd's form, with the same random draws); with ``rep_grad=True`` to the shared
+    representation, as in the paper and LibMTL: per feature, the batch sums of ``sign(z) * dL_t/dz``
+    give the purity ``P = (1 + sum_t g_t / sum_t |g_t|) / 2``; with ``U ~ U(0, 1)``, task t's
+    per-sample gradients are kept where ``P > U`` and ``g_t > 0`` or ``P < U`` and ``g_t < 0``, and
+    summed."""
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
