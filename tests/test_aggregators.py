@@ -17,6 +17,7 @@ from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies import torchjd_adapter
 from mtl_plugins.strategies.base import NonFiniteGradientError, Updater
+from mtl_plugins.strategies.task_gradients import GRAMIAN_BLOCK, TaskGradients, jacobian_gramian
 
 TASKS = ["a", "b", "c"]
 TORCHJD_BACKED = ["pcgrad", "imtl", "upgrad", "aligned_mtl", "gradvac"]
@@ -389,8 +390,6 @@ def test_overflow_skips_the_step_and_leaves_the_state_untouched():
 
 
 def _task_gradients(jacobian, specific):
-    from mtl_plugins.strategies.task_gradients import TaskGradients
-
     return TaskGradients(torch.ones(len(jacobian), dtype=torch.float64), jacobian, specific)
 
 
@@ -415,6 +414,18 @@ def test_read_recomputes_an_overflowing_gramian_of_finite_gradients_in_float64()
     reference = J.float().double() @ J.float().double().T
     torch.testing.assert_close(host.gramian, reference, rtol=1e-12, atol=0.0)
 
+
+
+def test_gramian_of_a_long_jacobian_is_blocked_on_cpu_and_accurate():
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(4, 5 * GRAMIAN_BLOCK + 123, generator=g) + 0.5  # blocked, with a short last block
+    reference = J.double() @ J.double().T
+    blocked = jacobian_gramian(J)
+    assert blocked.dtype == torch.float64
+    torch.testing.assert_close(blocked, reference, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(jacobian_gramian(J, exact=True), reference, rtol=1e-12, atol=0.0)
+    short = J[:, : GRAMIAN_BLOCK]
+    torch.testing.assert_close(jacobian_gramian(short), short.double() @ short.double().T, rtol=1e-5, atol=0.0)
 
 class SqrtModel(nn.Module):
     """Shared weight at 0 under a square root: finite losses, NaN gradients."""

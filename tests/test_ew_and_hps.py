@@ -8,8 +8,9 @@ from torch import nn
 import mtl_plugins
 from mtl_plugins.architectures import HPS
 from mtl_plugins.loop import make_closure, train_epoch
-from mtl_plugins.param_groups import parameter_groups
+from mtl_plugins.param_groups import parameter_groups, split_parameters
 from mtl_plugins.strategies.base import NonFiniteLossError
+from mtl_plugins.structure_cache import cached
 
 TASKS = ["reg", "cls"]
 
@@ -117,6 +118,34 @@ def test_parameter_groups_scale_task_specific_lr():
     with pytest.raises(ValueError, match="lr_ts"):
         parameter_groups(model, lr=0.1, lr_ts=0)
 
+
+
+def test_split_parameters_follows_freezing_new_modules_and_replaced_parameters():
+    model = tiny_model()
+    shared, specific = split_parameters(model)
+    assert [id(p) for p in shared] == [id(p) for p in model.encoder.parameters()] and len(specific) == 4
+    model.encoder[0].bias.requires_grad_(False)
+    assert split_parameters(model)[0] == [model.encoder[0].weight]
+    model.heads["reg"].extra = nn.Linear(1, 1)
+    assert len(split_parameters(model)[1]) == 6
+    model.encoder[0].weight = nn.Parameter(torch.zeros(4, 3))
+    assert split_parameters(model)[0][0] is model.encoder[0].weight
+
+
+def test_structure_cache_computes_again_only_after_a_registration():
+    model, calls = tiny_model(), []
+
+    def count_modules(module):
+        calls.append(1)
+        return len(list(module.modules()))
+
+    before = cached(model, count_modules)
+    assert cached(model, count_modules) == before and len(calls) == 1
+    model.encoder[0].weight.requires_grad_(False)  # not a structural change
+    cached(model, count_modules)
+    assert len(calls) == 1
+    model.encoder.append(nn.Tanh())
+    assert cached(model, count_modules) == before + 1 and len(calls) == 2
 
 def test_infinite_gradient_in_a_plain_loop_stops_ew_before_the_step():
     model = tiny_model()

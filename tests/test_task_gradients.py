@@ -75,6 +75,22 @@ def test_one_forward_gradients_equal_task_forwards(train, one_forward):
         assert int(bn.num_batches_tracked) == 0
 
 
+
+@pytest.mark.parametrize("coefficients", [None, [0.5, -1.0, 3.0]])
+def test_a_task_specific_parameter_reached_by_several_tasks_gets_their_weighted_sum(coefficients):
+    model, data, weights = bn_model(), batch(), {"a": 1.0, "b": 0.5, "c": 2.0}
+    model.heads["c"] = model.heads["a"]  # one head serves tasks a and c: task-specific, reached twice
+    shared, specific = split_model_parameters(model, "test")
+    _, expected_heads = reference(copy.deepcopy(model), data, weights)
+    c = coefficients or [1.0] * len(TASKS)
+    updater = Updater(torch.optim.SGD(model.parameters(), lr=0.1))
+    grads = task_gradients(make_closure(model, data), updater, TASKS, weights, shared, specific, coefficients)
+    by_param = {id(p): g for p, g in zip(specific, grads.specific)}
+    for i, p in enumerate(model.heads["a"].parameters()):
+        expected = c[0] * expected_heads["a"][i] + c[2] * expected_heads["c"][i]
+        torch.testing.assert_close(by_param[id(p)], expected, rtol=1e-12, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())  # every gradient is held by the result only
+
 @pytest.mark.parametrize("name", AGGREGATORS + ["gradnorm"])
 def test_each_step_reads_the_host_once(name):
     model = bn_model()

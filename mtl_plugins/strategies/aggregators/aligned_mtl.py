@@ -17,6 +17,7 @@ class AlignedMTL(TorchJDWeighting):
     smallest one (``scale_mode``) and the aligned gradients summed, as in the authors' code."""
 
     method = "aligned_mtl"
+    draws_random = False
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,

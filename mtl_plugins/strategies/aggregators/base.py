@@ -11,6 +11,7 @@ strategies take the model (``model=``, filled in by the runner) to find the shar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -21,6 +22,7 @@ from ..base import Closure, Strategy, Updater, as_updater
 from ..rep_gradients import backward_representation, representation_gradients, shared_encoder
 from ..task_gradients import (
     check_non_finite,
+    jacobian_gramian,
     shares_encoder_forward,
     split_model_parameters,
     task_gradients,
@@ -48,6 +50,9 @@ class GradientAggregation(Strategy):
 
     needs_task_forward = True
     accepts_loss_scaling = True
+    #: True when :meth:`aggregate` may draw from torch's global RNG: it then runs seeded from the
+    #: strategy's own generator, and the global RNG is restored after.
+    draws_random = True
 
     def __init__(
         self, tasks: Sequence[str], *, model: nn.Module | None = None,
@@ -76,7 +81,7 @@ class GradientAggregation(Strategy):
         """The combined direction for the shared parameters (default: weights of the Gramian
         ``J J^T`` times ``J``). ``gramian`` (float64, CPU) saves computing and reading it again."""
         if gramian is None:
-            gramian = (jacobian @ jacobian.T).detach().to("cpu", torch.float64)
+            gramian = jacobian_gramian(jacobian.detach()).cpu()
         weights = self.gramian_weights(gramian)
         self.last_weights = weights
         return weights.to(jacobian) @ jacobian
@@ -109,7 +114,7 @@ class GradientAggregation(Strategy):
         host = grads.read(self.tasks)  # the step's one host read
         rows = grads.per_sample if self.rep_grad else grads.jacobian
         if host.finite:
-            with tjd.seeded(seed, rows.device):
+            with tjd.seeded(seed, rows.device) if self.draws_random else nullcontext():
                 if self.rep_grad:
                     direction = self.aggregate_representation(rows, host.gramian, grads.output.detach(), updater)
                 else:

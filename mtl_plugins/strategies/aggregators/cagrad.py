@@ -18,6 +18,8 @@ class CAGrad(GradientAggregation):
     that maximises the worst task's improvement. ``c = 0.4`` and ``rescale = 1`` as in the authors'
     NYUv2 setting."""
 
+    draws_random = False
+
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
                  jacobian: JacobianMode = "auto",

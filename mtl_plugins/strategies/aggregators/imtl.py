@@ -16,6 +16,7 @@ class IMTLG(TorchJDWeighting):
     projections onto every task's unit gradient are equal."""
 
     method = "imtl"
+    draws_random = False
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,

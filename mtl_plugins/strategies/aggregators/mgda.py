@@ -16,6 +16,8 @@ class MGDA(GradientAggregation):
     """MGDA (Sener & Koltun 2018): the minimum-norm point of the convex hull of the task gradients
     (Frank-Wolfe; tolerance and iterations of the authors' MinNormSolver)."""
 
+    draws_random = False
+
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
                  jacobian: JacobianMode = "auto", rep_grad: bool = False,

@@ -7,10 +7,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ...registry import register_strategy
+from ..task_gradients import jacobian_gramian
 from .base import GradientAggregation, JacobianMode
 from .solvers import nash_weights
 
@@ -21,6 +21,8 @@ class NashMTL(GradientAggregation):
     the direction's norm is clipped to ``max_norm`` (1.0, the authors' default; 0 disables it), and
     the weights are recomputed every ``update_weights_every`` steps (the last ones are saved with
     the state)."""
+
+    draws_random = False
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
@@ -40,7 +42,7 @@ class NashMTL(GradientAggregation):
 
     def aggregate(self, jacobian: Tensor, gramian: Tensor | None = None) -> Tensor:
         if gramian is None:
-            gramian = (jacobian @ jacobian.T).detach().to("cpu", torch.float64)
+            gramian = jacobian_gramian(jacobian.detach()).cpu()
         direction = super().aggregate(jacobian, gramian)
         weights = self.last_weights
         norm = math.sqrt(max(float(weights @ gramian @ weights), 0.0))  # ||w^T J||, on the host

@@ -16,6 +16,7 @@ class UPGrad(TorchJDWeighting):
     cone of all of them (no resulting direction conflicts with any task)."""
 
     method = "upgrad"
+    draws_random = False
 
     def __init__(self, tasks: Sequence[str], *, model: nn.Module | None = None,
                  loss_weights: dict[str, float] | None = None, seed: int = 0,
