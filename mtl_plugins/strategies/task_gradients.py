@@ -198,8 +198,8 @@ def task_gradients(
                     p.grad = None
     if coefficients is None:
         specific_sum = [None if p.grad is None else p.grad.to(dtype) for p in specific]
-    for p in specific:
-        p.grad = None
+        for p in specific:
+            p.grad = None
     jacobian = assemble_jacobian(held, shared, dtype)
     del held
     present = [g for g in specific_sum if g is not None]
