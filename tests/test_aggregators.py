@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from gloo_group import gloo_group
 from scaled_updater import ScaledUpdater
 from torch import nn
 
@@ -529,16 +530,13 @@ UPDATERS = {"reduce": AllReduceUpdater, "backward": BackwardAveragingUpdater}
 
 def _ddp_worker(rank, world_size, init_file, out_dir, name, steps, averaging):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_file):
         model = tiny_model()
         strategy = mtl_plugins.build_strategy(name, TASKS, model=model)
         updater = UPDATERS[averaging](torch.optim.SGD(model.parameters(), lr=0.1))
         for step in range(steps):
             strategy.step(make_closure(model, make_batch(seed=100 * step + rank)), updater)
         torch.save([p.detach() for p in model.parameters()], f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _single_process(name, steps, world_size, average_first=True):

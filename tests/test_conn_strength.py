@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
+from gloo_group import gloo_group
 from torch import nn
 
 import mtl_plugins
@@ -372,16 +373,13 @@ def frozen_statistics_model():
 
 def _ddp_phase2_worker(rank, world_size, init_file, out_dir, steps):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_file):
         model = frozen_statistics_model()
         strategy = mtl_plugins.build_strategy("conn_strength", TASKS, model=model, schedule="phase2")
         updater = AllReduceUpdater(torch.optim.Adam(model.parameters(), lr=0.05))
         for step in range(steps):
             strategy.step(make_closure(model, make_batch(seed=100 * step + rank)), updater)
         torch.save([p.detach() for p in model.parameters()], f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from gloo_group import gloo_group
 
 from mtl_plugins.metrics import task_metric
 from mtl_plugins.metrics.dense import (
@@ -294,19 +295,14 @@ def all_metrics():
 
 
 def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         results = {}
         for name, (make, batches) in all_metrics().items():
             metric = feed(make(), batches[rank::world])  # each process sees its own shard
             metric.sync()
             results[name] = metric.compute_all()
         torch.save(results, f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
+from gloo_group import gloo_group
 from torch import nn
 
 from mtl_plugins.trainers import distributed
@@ -28,16 +28,13 @@ class SharedBuffer(nn.Module):
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, init_file):
         distributed.BUCKET_BYTES = 64  # several buckets per dtype, one tensor larger than a bucket
         tensors = tensors_of(rank)
         distributed.all_reduce_mean_(tensors)
         module = SharedBuffer(rank)
         distributed.broadcast_buffers(module)
         torch.save({"tensors": tensors, "a": module.a.stats, "b": module.b.stats}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_bucketed_average_and_shared_buffers(tmp_path):
