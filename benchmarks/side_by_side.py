@@ -1,12 +1,12 @@
 """This library's gradient aggregators side by side with the work LibMTL's weightings do.
 
 LibMTL's published algorithm for a gradient weighting (``rep_grad=False``): one forward pass of
-every task; for each task a backward of its loss through the retained graph, the shared parameters'
-gradients copied into row t of a K x n matrix and cleared; the weighting's aggregation of that
-matrix; the combined gradient written into the shared parameters (the task-specific parameters keep
-what their task's backward left); one optimizer step. :func:`libmtl_style_step` is written from that
-description and uses this library's aggregation (``strategy.aggregate``), so that only the work
-around it differs.
+every task; a K x n matrix of zeros; for each task a backward of its loss through the retained
+graph, the shared parameters' gradients copied into row t of the matrix and cleared; the
+weighting's aggregation of that matrix; the combined gradient written into the shared parameters
+(the task-specific parameters keep what their task's backward left); one optimizer step.
+:func:`libmtl_style_step` is written from that description and uses this library's aggregation
+(``strategy.aggregate``), so that only the work around it differs.
 
 Per model and aggregator, alternating in one process on the same model, batches and optimizer:
 this library's ``strategy.step`` ("ours"), the LibMTL-style step, and the floor (one forward, K
@@ -40,13 +40,13 @@ def libmtl_style_step(closure, optimizer: torch.optim.Optimizer, strategy: Any, 
     """One batch as LibMTL's gradient weightings do it (see the module docstring)."""
     optimizer.zero_grad(set_to_none=True)
     losses = closure()
-    rows = []
+    rows = shared[0].new_zeros((len(tasks), sum(p.numel() for p in shared)))
     for k, t in enumerate(tasks):
         losses[t].backward(retain_graph=k < len(tasks) - 1)
-        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared]))
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared], out=rows[k])
         for p in shared:
             p.grad = None
-    direction = strategy.aggregate(torch.stack(rows))
+    direction = strategy.aggregate(rows)
     offset = 0
     for p in shared:
         p.grad = direction[offset : offset + p.numel()].reshape(p.shape).to(p.dtype)

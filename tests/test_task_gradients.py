@@ -12,7 +12,7 @@ from mtl_plugins.architectures.hps import HPS
 from mtl_plugins.loop import make_closure
 from mtl_plugins.strategies.base import Updater
 from mtl_plugins.strategies.rep_gradients import shared_encoder
-from mtl_plugins.strategies.task_gradients import split_model_parameters, task_gradients
+from mtl_plugins.strategies.task_gradients import JacobianBuffer, split_model_parameters, task_gradients
 
 TASKS = ["a", "b", "c"]
 AGGREGATORS = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop", "cagrad", "nash_mtl"]
@@ -74,6 +74,50 @@ def test_one_forward_gradients_equal_task_forwards(train, one_forward):
     else:
         assert int(bn.num_batches_tracked) == 0
 
+
+
+def test_the_jacobian_buffer_is_reused_across_batches_and_overwritten_each_time():
+    """Every batch's Jacobian equals the reference of that batch although the storage is the same."""
+    model, weights = bn_model(), {"a": 1.0, "b": 0.5, "c": 2.0}
+    shared, specific = split_model_parameters(model, "test")
+    updater = Updater(torch.optim.SGD(model.parameters(), lr=0.1))
+    buffer, pointers = JacobianBuffer(), set()
+    for seed in range(3):
+        data = batch(seed)
+        expected, _ = reference(copy.deepcopy(model), data, weights)
+        grads = task_gradients(make_closure(model, data), updater, TASKS, weights, shared, specific, buffer=buffer)
+        torch.testing.assert_close(grads.jacobian, expected, rtol=1e-12, atol=1e-12)
+        pointers.add(grads.jacobian.data_ptr())
+        grads.jacobian.fill_(float("nan"))  # what a step leaves in it must not reach the next batch
+    assert len(pointers) == 1
+
+
+def test_the_jacobian_buffer_follows_the_shape_and_dtype_and_is_kept_on_cpu_only():
+    buffer, cpu = JacobianBuffer(), torch.empty(1)
+    first = buffer.rows(cpu, 3, 10, torch.float32)
+    assert buffer.rows(cpu, 3, 10, torch.float32) is first
+    assert buffer.rows(cpu, 3, 11, torch.float32).shape == (3, 11)
+    assert buffer.rows(cpu, 3, 11, torch.float64).dtype == torch.float64
+    other, meta = JacobianBuffer(), torch.empty(1, device="meta")  # stands for a caching-allocator device
+    assert other.rows(meta, 3, 10, torch.float32) is not other.rows(meta, 3, 10, torch.float32)
+    assert other.matrix is None
+
+
+def test_aggregator_steps_with_the_kept_buffer_equal_steps_with_a_new_matrix_each_batch():
+    """Several steps of a strategy (its buffer kept) against the same steps with a fresh buffer each."""
+    kept_model, fresh_model = bn_model(), bn_model()
+    kept = mtl_plugins.build_strategy("pcgrad", TASKS, model=kept_model)
+    fresh = mtl_plugins.build_strategy("pcgrad", TASKS, model=fresh_model)
+    kept_opt = torch.optim.SGD(kept_model.parameters(), lr=0.1)
+    fresh_opt = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
+    for seed in range(4):
+        data = batch(seed)
+        kept.step(make_closure(kept_model, data), kept_opt)
+        fresh.jacobian_buffer = JacobianBuffer()
+        fresh.step(make_closure(fresh_model, data), fresh_opt)
+    for a, b in zip(kept_model.parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert kept.jacobian_buffer.matrix is not None
 
 
 @pytest.mark.parametrize("coefficients", [None, [0.5, -1.0, 3.0]])

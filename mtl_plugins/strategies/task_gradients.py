@@ -8,7 +8,8 @@ one row of a K x n Jacobian ``J``. Task-specific parameters receive their own ta
 1. ``updater.zero_grad()``, then **one forward pass** (``closure()``) where the task paths share the
    encoder's forward (any model without task-specific connections), and for each task ``t``
    ``updater.backward(w_t * L_t, retain_graph=True)`` through the retained graph (the last one frees
-   it); the shared parameters' gradients are taken out of ``p.grad`` after each. BatchNorm
+   it); the shared parameters' gradients are copied into row t of the Jacobian (a buffer the
+   strategy reuses from batch to batch, :class:`JacobianBuffer`) and cleared after each. BatchNorm
    statistics are then updated once per batch, as by an EW step. A model with task-specific
    connections has one encoder path per task, so each task gets its own forward
    (``closure(task=t)``) and ordinary backward. Either way every backward is the updater's (loss
@@ -142,6 +143,30 @@ class TaskGradients:
         return HostValues(values, finite, products, rest)
 
 
+class JacobianBuffer:
+    """The K x n Jacobian's storage, kept from batch to batch by one strategy on CPU.
+
+    On CPU a K x n matrix freed at every batch is returned to the operating system by the C
+    allocator and faulted back in page by page at the next one (at 1.2M parameters and K=4 that
+    costs about as much as the Gramian); the kept matrix is reallocated only when the shape or
+    dtype changes, and whatever a step reads of it is valid until the next batch. Other devices get
+    a new matrix per batch: their caching allocator reuses the block without that cost, and it is
+    free for other work (evaluation) between batches.
+    """
+
+    def __init__(self) -> None:
+        self.matrix: Tensor | None = None
+
+    def rows(self, like: Tensor, k: int, n: int, dtype: torch.dtype) -> Tensor:
+        """A K x n matrix of ``dtype`` on ``like``'s device (its contents are overwritten)."""
+        if like.device.type != "cpu":
+            return like.new_empty((k, n), dtype=dtype)
+        m = self.matrix
+        if m is None or m.shape != (k, n) or m.dtype != dtype:
+            self.matrix = m = like.new_empty((k, n), dtype=dtype)
+        return m
+
+
 def task_gradients(
     closure: Closure,
     updater: Updater,
@@ -153,30 +178,31 @@ def task_gradients(
     *,
     one_forward: bool = True,
     batched: bool = False,
+    buffer: JacobianBuffer | None = None,
 ) -> TaskGradients:
     """Per-task gradients through the updater; see the module docstring.
 
     ``one_forward``: one forward pass and K backward passes through the retained graph (else one
     forward and backward per task). ``batched`` (with ``one_forward``): the K backward passes as one
     batched vector-Jacobian product (:func:`batched_task_gradients`). ``coefficients`` weight each
-    task's contribution to the task-specific sums (default 1).
+    task's contribution to the task-specific sums (default 1). ``buffer``: the Jacobian's storage,
+    reused across batches (default: a new matrix).
     """
     if batched:
         if not one_forward:
             raise ValueError("the batched Jacobian needs one forward pass shared by every task")
         return batched_task_gradients(closure, updater, tasks, loss_weights, shared, specific, coefficients)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
-    # Memory as LibMTL's loop: each backward allocates its gradients as its graph frees them (no row
-    # is allocated ahead), they are held as they are (no copy), and the K x n Jacobian is assembled
-    # once every graph is gone. Without coefficients, autograd itself sums the task-specific
-    # gradients in ``p.grad``, as one backward of the summed loss would.
-    held: list[list[Tensor | None]] = []
+    # Memory as LibMTL's loop: the K x n Jacobian and one task's gradients at a time. Without
+    # coefficients, autograd itself sums the task-specific gradients in ``p.grad``, as one backward
+    # of the summed loss would.
     specific_sum: list[Tensor | None] = [None] * len(specific)
     losses: list[Tensor] = []
     updater.zero_grad()  # the last step's gradients are not kept alive through the forward pass
     if one_forward:
         all_losses = closure()
         check_losses(all_losses, tasks)
+    jacobian = (buffer or JacobianBuffer()).rows(shared[0], len(tasks), sum(p.numel() for p in shared), dtype)
     for k, task in enumerate(tasks):
         if one_forward:
             loss = all_losses[task]
@@ -187,8 +213,9 @@ def task_gradients(
         weight = loss_weights[task]
         updater.backward(loss if weight == 1.0 else weight * loss, retain_graph=one_forward and k < len(tasks) - 1)
         losses.append(loss.detach())
-        held.append([p.grad for p in shared])
-        for p in shared:  # detached from the parameters: no later backward can change them
+        torch.cat([p.new_zeros(p.numel(), dtype=dtype) if p.grad is None else p.grad.reshape(-1) for p in shared],
+                  out=jacobian[k])
+        for p in shared:
             p.grad = None
         if coefficients is not None:
             for i, p in enumerate(specific):
@@ -200,8 +227,6 @@ def task_gradients(
         specific_sum = [None if p.grad is None else p.grad.to(dtype) for p in specific]
         for p in specific:
             p.grad = None
-    jacobian = assemble_jacobian(held, shared, dtype)
-    del held
     present = [g for g in specific_sum if g is not None]
     if not updater.averages_gradients:
         updater.reduce_([jacobian, *present])
@@ -211,15 +236,6 @@ def task_gradients(
         for g in present:
             g /= scale
     return TaskGradients(torch.stack([v.reshape(()) for v in losses]).to(torch.float64), jacobian, specific_sum)
-
-
-def assemble_jacobian(held: Sequence[Sequence[Tensor | None]], shared: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """The K x n Jacobian from each task's gradients of the shared parameters (zeros where None)."""
-    jacobian = shared[0].new_empty((len(held), sum(p.numel() for p in shared)), dtype=dtype)
-    for row, grads in zip(jacobian, held):
-        flat = [p.new_zeros(p.numel(), dtype=dtype) if g is None else g.reshape(-1) for p, g in zip(shared, grads)]
-        torch.cat(flat, out=row)
-    return jacobian
 
 
 def batched_task_gradients(

@@ -21,6 +21,7 @@ from .. import torchjd_adapter as tjd
 from ..base import Closure, Strategy, Updater, as_updater
 from ..rep_gradients import backward_representation, representation_gradients, shared_encoder
 from ..task_gradients import (
+    JacobianBuffer,
     check_non_finite,
     jacobian_gramian,
     shares_encoder_forward,
@@ -67,6 +68,7 @@ class GradientAggregation(Strategy):
         self.model = model
         self.jacobian, self.rep_grad = jacobian, bool(rep_grad)
         self.last_weights: Tensor | None = None
+        self.jacobian_buffer = JacobianBuffer()
 
     def batched(self, device: torch.device) -> bool:
         """Whether this step computes the Jacobian as one batched backward."""
@@ -110,7 +112,7 @@ class GradientAggregation(Strategy):
                 raise ValueError(f"{self.name}: jacobian='batched' needs one forward pass shared by every task; "
                                  "the model has task-specific connections")
             grads = task_gradients(closure, updater, self.tasks, self.task_weights, shared, specific,
-                                   one_forward=one_forward, batched=batched)
+                                   one_forward=one_forward, batched=batched, buffer=self.jacobian_buffer)
         host = grads.read(self.tasks)  # the step's one host read
         rows = grads.per_sample if self.rep_grad else grads.jacobian
         if host.finite:

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from ...registry import register_strategy
 from ..base import Closure, Strategy, Updater, as_updater
-from ..task_gradients import shares_encoder_forward, split_model_parameters, task_gradients, write_gradients
+from ..task_gradients import (
+    JacobianBuffer,
+    shares_encoder_forward,
+    split_model_parameters,
+    task_gradients,
+    write_gradients,
+)
 from .base import OwnedParameter
 
 
@@ -44,6 +50,7 @@ class GradNorm(Strategy):
         self.logits = OwnedParameter(torch.zeros(len(self.tasks), dtype=torch.float64), lr, owner=self.name)
         self.initial_losses: Tensor | None = None
         self.last_weights: list[float] | None = None
+        self.jacobian_buffer = JacobianBuffer()
 
     def task_weights(self) -> Tensor:
         return len(self.tasks) * torch.softmax(self.logits.tensor.detach(), dim=0)
@@ -63,7 +70,8 @@ class GradNorm(Strategy):
         shared, specific = split_model_parameters(self.model, self.name)
         weights = self.task_weights()
         grads = task_gradients(closure, updater, self.tasks, self.loss_weights, shared, specific, weights.tolist(),
-                               one_forward=shares_encoder_forward(self.model), batched=self.jacobian == "batched")
+                               one_forward=shares_encoder_forward(self.model), batched=self.jacobian == "batched",
+                               buffer=self.jacobian_buffer)
         static = torch.tensor([self.loss_weights[t] for t in self.tasks], dtype=torch.float64)
         averaged = grads.losses * static.to(grads.losses.device)
         updater.reduce_([averaged])
