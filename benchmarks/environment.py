@@ -28,14 +28,16 @@ def version(package: str) -> str:
         return "not installed"
 
 
-def describe(device: str, threads: int) -> dict[str, Any]:
-    """CPU model, core count, torch threads, accelerator (if used), OS, Python and package versions."""
+def describe(device: str, threads: int, allocator: str = "default") -> dict[str, Any]:
+    """CPU model, core count, torch threads, C allocator settings, accelerator (if used), OS, Python
+    and package versions."""
     import torch
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch threads": threads,
+        "C allocator": allocator,
         "device": device,
         "os": platform.platform(),
         "python": platform.python_version(),

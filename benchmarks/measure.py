@@ -4,7 +4,8 @@ Timing alternates the compared runs inside one process (cycle ``i`` runs each of
 order rotated by ``i``) so that load from other processes hits all of them alike, and reports
 medians. Each sample has the wall-clock time and the calling thread's CPU time
 (:func:`time.thread_time`, steadier on a shared machine when torch runs one thread). On CUDA the
-device is synchronised before and after each run.
+device is synchronised before and after each run. On CPU the runner keeps glibc's heap while it
+times (:mod:`benchmarks.allocator`), so that no run pays page faults for memory its neighbour freed.
 
 Peak memory is, on CPU, the largest total size of the torch tensors alive during one run (parameters,
 gradients, optimizer state, activations, temporaries), from the torch profiler's memory timeline; it

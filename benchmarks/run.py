@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quality benchmarks to run (composition: update methods x loss scaling on MultiDigits)")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes of the quality section")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--allocator", choices=("steady", "default"), default="steady",
+                        help="steady: keep glibc's heap (no trim) while timing, see benchmarks/allocator.py")
     parser.add_argument("--baselines", choices=["cache", "train"], default="cache",
                         help="single-task baselines from the cache (trained when missing) or retrained")
     parser.add_argument("--reuse-runs", action="store_true",
@@ -293,14 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     import torch
 
-    from . import environment, report
+    from . import allocator, environment, report
 
     torch.set_num_threads(args.threads)
+    kept_heap = args.allocator == "steady" and allocator.keep_heap()
     settings = quick_settings() if args.quick else full_settings()
     out = args.out or (Path("runs/benchmarks-quick") if args.quick else Path("runs/benchmarks-only") if args.only else DOCS)
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
-    env = environment.describe(args.device, args.threads)
+    env = environment.describe(args.device, args.threads, allocator.describe(kept_heap))
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"sections": {}}
     if args.render_only:

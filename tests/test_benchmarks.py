@@ -82,11 +82,40 @@ def test_libmtl_style_step_takes_the_libraries_step(name):
     assert any(not torch.equal(p, q) for p, q in zip(models[0].parameters(), setup.model.double().parameters()))
 
 
+FREED_MIB = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks import allocator
+kept = allocator.keep_heap() if sys.argv[1] == "steady" else None
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+block = torch.ones(50 << 20)  # 200 MiB
+before = rss()
+del block
+print(kept, before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc/self/statm")
+def test_the_steady_allocator_keeps_freed_blocks_in_the_heap():
+    """With glibc's defaults a freed 200 MiB tensor goes back to the operating system (and would be
+    faulted back in by the next run); with the steady allocator the heap keeps it."""
+    import subprocess
+
+    def freed(mode):
+        out = subprocess.run([sys.executable, "-c", FREED_MIB.format(root=str(ROOT)), mode],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    assert freed("default")[1] >= 190
+    assert freed("steady") == ("True", 0)
+
+
 @pytest.mark.slow
 def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
     monkeypatch.setenv("MTL_PLUGINS_CACHE", str(tmp_path / "cache"))
     out, work = tmp_path / "report", tmp_path / "work"
-    assert main(["--quick", "--out", str(out), "--work-dir", str(work)]) == 0
+    # the default allocator: the test process's heap is left as it is (the steady one: below)
+    assert main(["--quick", "--out", str(out), "--work-dir", str(work), "--allocator", "default"]) == 0
 
     text = (out / "README.md").read_text()
     positions = [text.index(heading) for heading in SECTIONS]
@@ -95,6 +124,7 @@ def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     for key in ("cpu", "cores", "python", "torch", "transformers", "mtl-plugins"):
         assert results["environment"][key]
+    assert results["environment"]["C allocator"] == "default" and "| C allocator | `default` |" in text
     assert all(s["command"].startswith("python -m benchmarks.run") for s in results["sections"].values())
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == ["cost_cnn.png", "quality_composition.png", "quality_composition_affinity.png",
