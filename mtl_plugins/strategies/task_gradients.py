@@ -150,8 +150,10 @@ class JacobianBuffer:
     allocator and faulted back in page by page at the next one (at 1.2M parameters and K=4 that
     costs about as much as the Gramian); the kept matrix is reallocated only when the shape or
     dtype changes, and whatever a step reads of it is valid until the next batch. Other devices get
-    a new matrix per batch: their caching allocator reuses the block without that cost, and it is
-    free for other work (evaluation) between batches.
+    a new matrix per batch, after the forward pass: their caching allocator reuses the block without
+    that cost, and it is free for other work (evaluation) between batches. Either way the matrix
+    exists during the backward passes, as LibMTL's does, so peak memory is LibMTL's: at most K x n floats
+    more than holding each task's gradients until the last backward and assembling them then.
     """
 
     def __init__(self) -> None:
