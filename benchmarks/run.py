@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes of the quality section")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--allocator", choices=("steady", "default"), default="steady",
-                        help="steady: keep glibc's heap (no trim) while timing, see benchmarks/allocator.py")
+                        help="steady: keep glibc's heap (no trim) in this process, for every section; "
+                             "see benchmarks/allocator.py")
     parser.add_argument("--baselines", choices=["cache", "train"], default="cache",
                         help="single-task baselines from the cache (trained when missing) or retrained")
     parser.add_argument("--reuse-runs", action="store_true",
@@ -298,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import allocator, environment, report
 
     torch.set_num_threads(args.threads)
-    kept_heap = args.allocator == "steady" and allocator.keep_heap()
+    kept_heap = allocator.keep_heap() if args.allocator == "steady" else None
     settings = quick_settings() if args.quick else full_settings()
     out = args.out or (Path("runs/benchmarks-quick") if args.quick else Path("runs/benchmarks-only") if args.only else DOCS)
     out.mkdir(parents=True, exist_ok=True)

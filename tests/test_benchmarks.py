@@ -86,7 +86,7 @@ FREED_MIB = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from benchmarks import allocator
-kept = allocator.keep_heap() if sys.argv[1] == "steady" else None
+kept = allocator.keep_heap() is not None if sys.argv[1] == "steady" else None
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
 block = torch.ones(50 << 20)  # 200 MiB
 before = rss()

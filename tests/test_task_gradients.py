@@ -96,28 +96,30 @@ def test_the_jacobian_buffer_follows_the_shape_and_dtype_and_is_kept_on_cpu_only
     buffer, cpu = JacobianBuffer(), torch.empty(1)
     first = buffer.rows(cpu, 3, 10, torch.float32)
     assert buffer.rows(cpu, 3, 10, torch.float32) is first
-    assert buffer.rows(cpu, 3, 11, torch.float32).shape == (3, 11)
-    assert buffer.rows(cpu, 3, 11, torch.float64).dtype == torch.float64
+    wider = buffer.rows(cpu, 3, 11, torch.float32)
+    assert wider.shape == (3, 11) and buffer.rows(cpu, 3, 11, torch.float32) is wider
+    assert buffer.rows(cpu, 3, 11, torch.float64).dtype == torch.float64 and buffer.matrix.dtype == torch.float64
     other, meta = JacobianBuffer(), torch.empty(1, device="meta")  # stands for a caching-allocator device
     assert other.rows(meta, 3, 10, torch.float32) is not other.rows(meta, 3, 10, torch.float32)
     assert other.matrix is None
 
 
-def test_aggregator_steps_with_the_kept_buffer_equal_steps_with_a_new_matrix_each_batch():
-    """Several steps of a strategy (its buffer kept) against the same steps with a fresh buffer each."""
-    kept_model, fresh_model = bn_model(), bn_model()
-    kept = mtl_plugins.build_strategy("pcgrad", TASKS, model=kept_model)
-    fresh = mtl_plugins.build_strategy("pcgrad", TASKS, model=fresh_model)
-    kept_opt = torch.optim.SGD(kept_model.parameters(), lr=0.1)
-    fresh_opt = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
-    for seed in range(4):
-        data = batch(seed)
-        kept.step(make_closure(kept_model, data), kept_opt)
-        fresh.jacobian_buffer = JacobianBuffer()
-        fresh.step(make_closure(fresh_model, data), fresh_opt)
-    for a, b in zip(kept_model.parameters(), fresh_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert kept.jacobian_buffer.matrix is not None
+@pytest.mark.parametrize("name", [*AGGREGATORS, "gradnorm"])
+def test_the_gradients_a_step_leaves_are_not_overwritten_by_the_next_batch(name):
+    """``p.grad`` after a step (what a deferred optimizer step or the user reads) is no view of the
+    Jacobian the strategy keeps and overwrites at the next batch."""
+    model = bn_model()
+    strategy = mtl_plugins.build_strategy(name, TASKS, model=model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    left = []
+    for seed in range(3):
+        strategy.step(make_closure(model, batch(seed)), optimizer)
+        grads = [p.grad for p in model.encoder.parameters()]
+        left.append((grads, [g.clone() for g in grads]))
+    assert strategy.jacobian_buffer.matrix is not None
+    for grads, values in left:
+        for g, value in zip(grads, values):
+            torch.testing.assert_close(g, value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("coefficients", [None, [0.5, -1.0, 3.0]])

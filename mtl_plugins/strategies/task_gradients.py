@@ -8,8 +8,8 @@ one row of a K x n Jacobian ``J``. Task-specific parameters receive their own ta
 1. ``updater.zero_grad()``, then **one forward pass** (``closure()``) where the task paths share the
    encoder's forward (any model without task-specific connections), and for each task ``t``
    ``updater.backward(w_t * L_t, retain_graph=True)`` through the retained graph (the last one frees
-   it); the shared parameters' gradients are copied into row t of the Jacobian (a buffer the
-   strategy reuses from batch to batch, :class:`JacobianBuffer`) and cleared after each. BatchNorm
+   it); the shared parameters' gradients are copied into row t of the Jacobian (on CPU a buffer
+   the strategy keeps from batch to batch, :class:`JacobianBuffer`) and cleared after each. BatchNorm
    statistics are then updated once per batch, as by an EW step. A model with task-specific
    connections has one encoder path per task, so each task gets its own forward
    (``closure(task=t)``) and ordinary backward. Either way every backward is the updater's (loss
@@ -150,10 +150,11 @@ class JacobianBuffer:
     allocator and faulted back in page by page at the next one (at 1.2M parameters and K=4 that
     costs about as much as the Gramian); the kept matrix is reallocated only when the shape or
     dtype changes, and whatever a step reads of it is valid until the next batch. Other devices get
-    a new matrix per batch, after the forward pass: their caching allocator reuses the block without
-    that cost, and it is free for other work (evaluation) between batches. Either way the matrix
-    exists during the backward passes, as LibMTL's does, so peak memory is LibMTL's: at most K x n floats
-    more than holding each task's gradients until the last backward and assembling them then.
+    a new matrix per batch, once the first task's gradients are ready: their caching allocator
+    reuses the block without that cost, and it is free for other work (evaluation) between batches.
+    Either way the matrix exists during the backward passes, as LibMTL's does, so peak memory is at
+    most LibMTL's: at most K x n floats more than holding each task's gradients until the last
+    backward and assembling them then.
     """
 
     def __init__(self) -> None:
@@ -188,7 +189,7 @@ def task_gradients(
     forward and backward per task). ``batched`` (with ``one_forward``): the K backward passes as one
     batched vector-Jacobian product (:func:`batched_task_gradients`). ``coefficients`` weight each
     task's contribution to the task-specific sums (default 1). ``buffer``: the Jacobian's storage,
-    reused across batches (default: a new matrix).
+    reused across batches on CPU (default: a new matrix; the batched path allocates its own).
     """
     if batched:
         if not one_forward:
@@ -204,7 +205,7 @@ def task_gradients(
     if one_forward:
         all_losses = closure()
         check_losses(all_losses, tasks)
-    jacobian = (buffer or JacobianBuffer()).rows(shared[0], len(tasks), sum(p.numel() for p in shared), dtype)
+    buffer = buffer or JacobianBuffer()
     for k, task in enumerate(tasks):
         if one_forward:
             loss = all_losses[task]
@@ -215,6 +216,8 @@ def task_gradients(
         weight = loss_weights[task]
         updater.backward(loss if weight == 1.0 else weight * loss, retain_graph=one_forward and k < len(tasks) - 1)
         losses.append(loss.detach())
+        if k == 0:  # after the first backward: on CPU the kept matrix, elsewhere a new one
+            jacobian = buffer.rows(shared[0], len(tasks), sum(p.numel() for p in shared), dtype)
         torch.cat([p.new_zeros(p.numel(), dtype=dtype) if p.grad is None else p.grad.reshape(-1) for p in shared],
                   out=jacobian[k])
         for p in shared:

@@ -81,7 +81,9 @@ class GradientAggregation(Strategy):
 
     def aggregate(self, jacobian: Tensor, gramian: Tensor | None = None) -> Tensor:
         """The combined direction for the shared parameters (default: weights of the Gramian
-        ``J J^T`` times ``J``). ``gramian`` (float64, CPU) saves computing and reading it again."""
+        ``J J^T`` times ``J``). ``gramian`` (float64, CPU) saves computing and reading it again.
+        ``jacobian``'s storage is reused at the next batch (:class:`~mtl_plugins.strategies.task_gradients.JacobianBuffer`):
+        return a new tensor, not a view of it, and keep no reference to it."""
         if gramian is None:
             gramian = jacobian_gramian(jacobian.detach()).cpu()
         weights = self.gramian_weights(gramian)
