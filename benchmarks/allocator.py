@@ -5,9 +5,9 @@ top, or an ``munmap`` of a block above the mmap threshold) and the next allocati
 faulted back in page by page. When runs alternate in one process, which run pays those faults
 depends on what its neighbours freed: on the side-by-side models, 3,000-10,000 minor faults per
 batch (about 2 us each) moved between the compared runs and shifted their ratios by up to 10%.
-With the heap kept (``mallopt``: no trim, no mmap for blocks below 1 GiB or 32 MiB, 64 MiB top pad), no run
-faults after warm-up and the ratios compare the work only. Memory figures are unaffected (they
-count live tensors, not the heap).
+With the heap kept (``mallopt``: no trim, no mmap for blocks below 1 GiB or 32 MiB, 64 MiB top
+pad), no run faults after warm-up and the ratios compare the work only. Memory figures are
+unaffected (they count live tensors, not the heap).
 """
 
 from __future__ import annotations

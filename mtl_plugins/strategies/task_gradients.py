@@ -147,14 +147,14 @@ class JacobianBuffer:
     """The K x n Jacobian's storage, kept from batch to batch by one strategy on CPU.
 
     On CPU a K x n matrix freed at every batch is returned to the operating system by the C
-    allocator and faulted back in page by page at the next one (at 1.2M parameters and K=4 that
-    costs about as much as the Gramian); the kept matrix is reallocated only when the shape or
-    dtype changes, and whatever a step reads of it is valid until the next batch. Other devices get
-    a new matrix per batch, once the first task's gradients are ready: their caching allocator
-    reuses the block without that cost, and it is free for other work (evaluation) between batches.
-    Either way the matrix exists during the backward passes, as LibMTL's does, so peak memory is at
-    most LibMTL's: at most K x n floats more than holding each task's gradients until the last
-    backward and assembling them then.
+    allocator and faulted back in page by page at the next one (on the 1.2M-parameter ResNet-10 HPS
+    with K=4, about 10% of the batch time with glibc's defaults); the kept matrix is reallocated
+    only when the shape or dtype changes, and whatever a step reads of it is valid until the next
+    batch. Other devices get a new matrix per batch, once the first task's gradients are ready:
+    their caching allocator reuses the block without that cost, and it is free for other work
+    (evaluation) between batches. Either way the matrix exists during the backward passes, as
+    LibMTL's does, so peak memory is at most LibMTL's: at most K x n floats more than holding each
+    task's gradients until the last backward and assembling them then.
     """
 
     def __init__(self) -> None:
