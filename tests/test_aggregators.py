@@ -218,6 +218,19 @@ def test_nash_mtl_solves_the_bargaining_equation_and_clips():
     torch.testing.assert_close(clipped, d / d.norm())
 
 
+@pytest.mark.parametrize("k, seed", [(20, 4), (20, 7), (5, 0)])
+def test_nash_mtl_weights_reach_float64_resolution(k, seed):
+    """On these Gramians of float32 Jacobians, a Newton iteration with a line search near the
+    solution stalled at a residual of 1e-9 (no step length shows a decrease in float64)."""
+    from mtl_plugins.strategies.aggregators.solvers import nash_weights
+
+    gramian = jacobian_gramian(torch.randn(k, 100_000, generator=torch.Generator().manual_seed(seed)))
+    alpha = nash_weights(gramian)
+    m = gramian / torch.linalg.matrix_norm(gramian) + 1e-10 * torch.eye(k, dtype=DTYPE)
+    scaled = alpha * torch.linalg.matrix_norm(gramian).sqrt()
+    assert float((m @ scaled - 1 / scaled).norm()) < 1e-12
+
+
 def test_upgrad_two_tasks_and_no_conflict_with_any_task():
     J = jacobian(2, 5, 8)
     J[1] = -J[0] + 0.3 * J[1]
@@ -226,6 +239,49 @@ def test_upgrad_two_tasks_and_no_conflict_with_any_task():
     many = jacobian(4, 3, 9)  # more tasks than dimensions: conflicts everywhere
     d = build("upgrad", ["a", "b", "c", "d"]).aggregate(many)
     assert float((many @ d).min()) >= -1e-9
+
+
+def _dual_cone_projection(gramian, u):
+    """``argmin_v v^T G v`` s.t. ``v >= u`` by enumerating the active sets (G positive definite):
+    the free coordinates solve ``(G v)_F = 0``, a solution is feasible and optimal when ``v_F >= u_F``
+    and ``(G v)_A >= 0``."""
+    k = len(u)
+    for free in itertools.chain.from_iterable(itertools.combinations(range(k), r) for r in range(k + 1)):
+        fixed = [i for i in range(k) if i not in free]
+        v = u.clone()
+        if free:
+            f, a = list(free), fixed
+            v[f] = torch.linalg.solve(gramian[f][:, f], -(gramian[f][:, a] @ u[a]))
+        grad = gramian @ v
+        if bool((v >= u - 1e-12).all()) and bool((grad[fixed] >= -1e-12).all()):
+            return v
+    raise AssertionError("no active set satisfies the KKT conditions")
+
+
+@pytest.mark.parametrize("k, seed", [(3, 0), (4, 1), (5, 2), (6, 3), (8, 4)])
+def test_upgrad_projector_equals_active_set_enumeration(k, seed):
+    J = jacobian(k, 12, seed)
+    J[1:] -= 0.8 * J[0]  # conflicting tasks, so some constraints are active
+    gramian = J @ J.T
+    U = torch.eye(k, dtype=DTYPE) / k
+    got = torchjd_adapter._least_squares_projector()(U, gramian)
+    expected = torch.stack([_dual_cone_projection(gramian, u) for u in U])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert bool(((J @ (got.sum(0) @ J)) >= -1e-9).all())  # the combination conflicts with no task
+
+
+def test_upgrad_projector_falls_back_to_bounded_least_squares(monkeypatch):
+    import scipy.optimize
+
+    def no_convergence(*args, **kwargs):
+        raise RuntimeError("Maximum number of iterations reached.")
+
+    J = jacobian(5, 12, 2)
+    J[1:] -= 0.8 * J[0]
+    gramian, U = J @ J.T, torch.eye(5, dtype=DTYPE) / 5
+    expected = torchjd_adapter._least_squares_projector()(U, gramian)
+    monkeypatch.setattr(scipy.optimize, "nnls", no_convergence)
+    torch.testing.assert_close(torchjd_adapter._least_squares_projector()(U, gramian), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_aligned_mtl_equalises_singular_values():

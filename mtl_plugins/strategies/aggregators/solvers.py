@@ -17,21 +17,28 @@ def mgda_weights(gramian: Tensor, epsilon: float = 1e-5, max_iters: int = 250) -
 
     From ``alpha = 1/K``: the vertex ``t = argmin G alpha``, the exact line search between
     ``alpha`` and ``e_t`` (``a = (G alpha)_t``, ``b = alpha^T G alpha``, ``c = G_tt``), and a stop
-    when the step ``gamma`` is below ``epsilon``.
+    when the step ``gamma`` is below ``epsilon``. ``G alpha`` and ``b`` are updated in O(K) per
+    iteration (``G alpha' = (1 - gamma) G alpha + gamma G e_t``), in Python floats: the iterates
+    equal the O(K^2) recomputation to rounding, which after 250 iterations reaches about 1e-8 in
+    the weights (as between torchjd's torch and a numpy implementation).
     """
-    g = gramian.detach().cpu().double().numpy()
-    k = g.shape[0]
-    alpha = np.full(k, 1.0 / k)
+    g = gramian.detach().cpu().double().tolist()
+    k = len(g)
+    alpha = [1.0 / k] * k
+    g_alpha = [sum(row) / k for row in g]
+    b = sum(g_alpha) / k
     for _ in range(max_iters):
-        g_alpha = g @ alpha
-        t = int(np.argmin(g_alpha))
-        a, b, c = g_alpha[t], alpha @ g_alpha, g[t, t]
+        t = min(range(k), key=g_alpha.__getitem__)
+        a, c = g_alpha[t], g[t][t]
         gamma = 1.0 if c <= a else 0.0 if b <= a else (b - a) / (b + c - 2 * a)
-        alpha = (1 - gamma) * alpha
+        keep = 1.0 - gamma
+        alpha = [keep * x for x in alpha]
         alpha[t] += gamma
+        g_alpha = [keep * x + gamma * y for x, y in zip(g_alpha, g[t])]
+        b = keep * keep * b + 2.0 * gamma * keep * a + gamma * gamma * c
         if gamma < epsilon:
             break
-    return torch.from_numpy(alpha)
+    return torch.tensor(alpha, dtype=torch.float64)
 
 
 def cagrad_weights(gramian: Tensor, c: float, rescale: int = 1) -> Tensor:
@@ -71,29 +78,40 @@ def cagrad_weights(gramian: Tensor, c: float, rescale: int = 1) -> Tensor:
 def nash_weights(gramian: Tensor, max_iters: int = 100, tol: float = 1e-10) -> Tensor:
     """Nash-MTL's bargaining weights: the ``alpha > 0`` with ``G alpha = 1 / alpha`` (Navon et al. 2022).
 
-    It is the minimiser of the convex ``alpha^T G alpha / 2 - sum log alpha``, found by damped
-    Newton steps on the Frobenius-normalised Gramian (a tiny ridge keeps zero-gradient tasks finite).
+    It is the minimiser of ``f(alpha) = alpha^T G alpha / 2 - sum log alpha`` on the
+    Frobenius-normalised Gramian (a tiny ridge keeps zero-gradient tasks finite), by Newton steps
+    until the gradient's norm is below ``tol``. ``f`` is self-concordant: while the Newton
+    decrement ``lambda = sqrt(grad^T step)`` is at least 1/4 the step is damped by a backtracking
+    line search (each step then lowers ``f`` by more than 0.02, far above rounding); below it the
+    full step converges quadratically (Nesterov & Nemirovski), and the iteration also ends when
+    the gradient's norm stops halving (float64's rounding).
     """
-    g = gramian.detach().cpu().double()
-    norm = float(torch.linalg.matrix_norm(g))
+    g = gramian.detach().cpu().double().numpy()
+    norm = float(np.linalg.norm(g))
     k = g.shape[0]
     if norm == 0.0:
         return torch.zeros(k, dtype=torch.float64)
-    m = g / norm + 1e-10 * torch.eye(k, dtype=torch.float64)
-    alpha = 1.0 / torch.sqrt(torch.diagonal(m))
+    m = g / norm + 1e-10 * np.eye(k)
+    alpha = 1.0 / np.sqrt(np.diagonal(m))
 
-    def objective(a: Tensor) -> float:
-        return float(0.5 * a @ m @ a - torch.log(a).sum())
+    def objective(a: np.ndarray) -> float:
+        return float(0.5 * a @ m @ a - np.log(a).sum())
 
+    previous = math.inf
     for _ in range(max_iters):
         grad = m @ alpha - 1.0 / alpha
-        if float(grad.norm()) < tol:
+        grad_norm = float(np.linalg.norm(grad))
+        if grad_norm < tol or grad_norm > 0.5 * previous:
             break
-        step = torch.linalg.solve(m + torch.diag(1.0 / alpha**2), grad)
-        t, current = 1.0, objective(alpha)
-        while bool((alpha - t * step <= 0).any()) or objective(alpha - t * step) > current - 1e-4 * t * float(grad @ step):
-            t *= 0.5
-            if t < 1e-12:
-                break
+        step = np.linalg.solve(m + np.diag(1.0 / alpha**2), grad)
+        slope = max(float(grad @ step), 0.0)  # the squared Newton decrement
+        t = 1.0
+        if slope >= 1 / 16:
+            current = objective(alpha)
+            while (alpha - t * step <= 0).any() or objective(alpha - t * step) > current - 0.25 * t * slope:
+                t *= 0.5
+            previous = math.inf
+        else:
+            previous = grad_norm
         alpha = alpha - t * step
-    return alpha / math.sqrt(norm)
+    return torch.from_numpy(alpha / math.sqrt(norm))
