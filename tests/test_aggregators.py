@@ -21,8 +21,8 @@ from mtl_plugins.strategies.base import NonFiniteGradientError, Updater
 from mtl_plugins.strategies.task_gradients import GRAMIAN_BLOCK, TaskGradients, jacobian_gramian
 
 TASKS = ["a", "b", "c"]
-TORCHJD_BACKED = ["pcgrad", "imtl", "upgrad", "aligned_mtl", "gradvac"]
-WRITTEN_HERE = ["mgda", "graddrop", "cagrad", "nash_mtl"]
+TORCHJD_BACKED = ["imtl", "upgrad", "aligned_mtl"]
+WRITTEN_HERE = ["pcgrad", "gradvac", "mgda", "graddrop", "cagrad", "nash_mtl"]
 ALL = TORCHJD_BACKED + WRITTEN_HERE
 DTYPE = torch.float64
 
@@ -306,6 +306,26 @@ def _gradvac_reference(J, targets, beta):
     return rows[0] + rows[1], new_targets
 
 
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_pcgrad_and_gradvac_weights_equal_torchjds(k):
+    """Same random draws, same arithmetic: torchjd's weightings as the reference, over three batches
+    for GradVac's EMA targets."""
+    from torchjd.aggregation import GradVacWeighting, PCGradWeighting
+
+    pcgrad, gradvac = build("pcgrad", [f"t{i}" for i in range(k)]), build("gradvac", [f"t{i}" for i in range(k)], beta=0.3)
+    reference = GradVacWeighting(beta=0.3)
+    for step in range(3):
+        J = jacobian(k, 30, 40 + step)
+        J[1:] -= 0.6 * J[0]  # conflicts
+        gramian = J @ J.T
+        for strategy, weighting in ((pcgrad, PCGradWeighting()), (gradvac, reference)):
+            with torchjd_adapter.seeded(step):
+                expected = weighting(gramian)
+            with torchjd_adapter.seeded(step):
+                torch.testing.assert_close(strategy.gramian_weights(gramian), expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gradvac.targets, reference._phi_t, rtol=1e-12, atol=1e-14)
+
+
 def test_gradvac_matches_paper_update_and_keeps_its_ema_in_the_state():
     beta = 0.5
     first, second = jacobian(2, 6, 11), jacobian(2, 6, 12)
@@ -443,7 +463,7 @@ def test_overflow_skips_the_step_and_leaves_the_state_untouched():
     assert updater.skipped == 1
     for p, q in zip(tiny_model().parameters(), model.parameters()):
         assert torch.equal(p, q)
-    assert strategy.state_dict()["vaccine_state"]["phi"] is None
+    assert torch.equal(strategy.state_dict()["vaccine_state"]["phi"], torch.zeros(3, 3, dtype=DTYPE))  # targets not updated
 
 
 def _task_gradients(jacobian, specific):
@@ -661,7 +681,7 @@ def test_strategies_written_here_build_and_step_without_torchjd(name, monkeypatc
 def test_incompatible_torchjd_version_is_reported(monkeypatch):
     monkeypatch.setattr(torchjd_adapter.metadata, "version", lambda name: "0.19.2")
     with pytest.raises(ImportError, match=re.escape(">=0.18,<0.19, found 0.19.2")):
-        build("pcgrad")
+        build("imtl")
 
 
 def test_import_and_listing_do_not_need_torchjd():

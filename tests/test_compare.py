@@ -65,9 +65,9 @@ def test_missing_extra_stops_before_any_training(monkeypatch, tmp_path, capsys):
     for module in [m for m in sys.modules if m == "torchjd" or m.startswith("torchjd.")]:
         monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setitem(sys.modules, "torchjd", None)
-    code = compare.main(["quickstart", *SMALL, "--strategies", "ew", "pcgrad", "--output-dir", str(tmp_path / "out")])
+    code = compare.main(["quickstart", *SMALL, "--strategies", "ew", "imtl", "--output-dir", str(tmp_path / "out")])
     assert code == 2
-    assert re.search(r"'pcgrad' needs torchjd.*pip install \"mtl-plugins\[baselines\]\"", capsys.readouterr().err)
+    assert re.search(r"'imtl' needs torchjd.*pip install \"mtl-plugins\[baselines\]\"", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 

@@ -5,8 +5,9 @@ range is checked once, and a missing or incompatible torchjd raises an :class:`I
 the extra to install. Nothing here imports torchjd at module import time.
 
 Weightings take a Gramian ``G = J J^T`` (K x K, float64, CPU) and return K weights; the strategies
-combine the Jacobian rows with them. Random weightings draw from the caller's seed (see
-:func:`seeded`) so that every process and every resumed run draws the same numbers.
+combine the Jacobian rows with them. Random draws (RLW's scalarizer, and the aggregators that draw
+from torch's global RNG) run from the caller's seed (:func:`seeded`), so that every process and
+every resumed run draws the same numbers.
 """
 
 from __future__ import annotations
@@ -88,10 +89,8 @@ def _least_squares_projector() -> Any:
 
 
 def gramian_weighting(user: str, method: str, num_tasks: int, **options: Any) -> Callable[[Tensor], Tensor]:
-    """torchjd's weighting for ``method`` (pcgrad, imtl, upgrad, aligned_mtl, gradvac) on a Gramian."""
+    """torchjd's weighting for ``method`` (imtl, upgrad, aligned_mtl) on a Gramian."""
     aggregation = require_torchjd(user)
-    if method == "pcgrad":
-        return aggregation.PCGradWeighting()
     if method == "imtl":
         return aggregation.IMTLGWeighting()
     if method == "upgrad":
@@ -99,22 +98,7 @@ def gramian_weighting(user: str, method: str, num_tasks: int, **options: Any) ->
     if method == "aligned_mtl":
         pref = torch.full((num_tasks,), float(options.pop("pref", 1.0)), dtype=torch.float64)
         return aggregation.AlignedMTLWeighting(pref_vector=pref, **options)
-    if method == "gradvac":
-        return aggregation.GradVacWeighting(**options)
     raise ValueError(f"no torchjd Gramian weighting for {method!r}")
-
-
-def weighting_state(weighting: Any) -> dict[str, Any]:
-    """The state a stateful torchjd weighting keeps between calls (GradVac's EMA targets)."""
-    phi = getattr(weighting, "_phi_t", None)
-    return {"phi": None if phi is None else phi.clone()}
-
-
-def load_weighting_state(weighting: Any, state: dict[str, Any]) -> None:
-    """Restore :func:`weighting_state` into ``weighting``."""
-    phi = state.get("phi")
-    weighting._phi_t = None if phi is None else phi.clone()
-    weighting._state_key = None if phi is None else (phi.shape[0], phi.dtype)
 
 
 def scalarizer(user: str, method: str, num_tasks: int) -> torch.nn.Module:

@@ -1,6 +1,7 @@
-"""The Gramian solvers written here: MGDA's Frank-Wolfe (in numpy, where torchjd's runs one torch
-operation at a time), CAGrad's dual and Nash-MTL's bargaining equation (torchjd's versions need
-cvxpy). Each takes the K x K Gramian ``J J^T`` and returns K weights (float64)."""
+"""The Gramian solvers written here: MGDA's Frank-Wolfe (O(K) per iteration in Python floats, where
+torchjd's runs O(K^2) torch operations), CAGrad's dual and Nash-MTL's bargaining equation
+(torchjd's versions need cvxpy). Each takes the K x K Gramian ``J J^T`` and returns K weights
+(float64)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,60 @@ def nash_weights(gramian: Tensor, max_iters: int = 100, tol: float = 1e-10) -> T
             previous = grad_norm
         alpha = alpha - t * step
     return torch.from_numpy(alpha / math.sqrt(norm))
+
+
+def pcgrad_weights(gramian: Tensor) -> Tensor:
+    """PCGrad's weights (Yu et al. 2020, Algorithm 1) from the Gramian, as torchjd's
+    ``PCGradWeighting`` computes them, in Python floats.
+
+    Task i's projected gradient is ``sum_j c_j g_j`` (``c = e_i`` first); for each other task j in
+    a random order (``torch.randperm(K)`` from torch's global RNG, i skipped, torchjd's draws), if
+    ``c . G_j < 0`` then ``c_j -= c . G_j / G_jj``. The weights are the sum of the K vectors ``c``.
+    """
+    g = gramian.detach().cpu().double().tolist()
+    k = len(g)
+    weights = [0.0] * k
+    for i in range(k):
+        order = torch.randperm(k).tolist()
+        c = [0.0] * k
+        c[i] = 1.0
+        for j in order:
+            if j == i:
+                continue
+            inner = sum(x * y for x, y in zip(g[j], c))
+            if inner < 0.0:
+                c[j] -= inner / g[j][j]
+        weights = [w + x for w, x in zip(weights, c)]
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def gradvac_weights(gramian: Tensor, targets: Tensor, beta: float, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """GradVac's weights (Wang et al. 2021) from the Gramian and the EMA targets ``phi_hat`` (K x K),
+    as torchjd's ``GradVacWeighting`` computes them, in Python floats; returns (weights, new targets).
+
+    Task i's corrected gradient is ``sum_k c_k g_k`` (``c = e_i`` first); for each other task j in a
+    random order (``torch.randperm(K - 1)``, torchjd's draws) the cosine ``phi = c G_j / (|g_i^c| |g_j|)``;
+    where ``phi < phi_hat_ij``, ``c_j += |g_i^c| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) /
+    (|g_j| sqrt(1 - phi_hat^2))``; then ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi``.
+    """
+    g = gramian.detach().cpu().double().tolist()
+    phi_hat = targets.detach().cpu().double().tolist()
+    k = len(g)
+    weights = [0.0] * k
+    for i in range(k):
+        c = [0.0] * k
+        c[i] = 1.0
+        c_g = list(g[i])  # c G: the corrected gradient's dot products with every g_j
+        others = [j for j in range(k) if j != i]
+        for j in (others[index] for index in torch.randperm(k - 1).tolist()):
+            norm_i = math.sqrt(max(sum(x * y for x, y in zip(c_g, c)), 0.0))
+            norm_j = math.sqrt(max(g[j][j], 0.0))
+            phi, target = c_g[j] / (norm_i * norm_j + eps), phi_hat[i][j]
+            if phi < target:
+                root_phi, root_target = math.sqrt(max(1.0 - phi * phi, 0.0)), math.sqrt(max(1.0 - target * target, 0.0))
+                w = norm_i * (target * root_phi - phi * root_target) / (norm_j * root_target + eps)
+                c[j] += w
+                c_g = [x + w * y for x, y in zip(c_g, g[j])]
+            phi_hat[i][j] = (1.0 - beta) * target + beta * phi
+        weights = [w + x for w, x in zip(weights, c)]
+    return torch.tensor(weights, dtype=torch.float64), torch.tensor(phi_hat, dtype=torch.float64)
