@@ -158,6 +158,15 @@ def render_scaling(section: Mapping[str, Any]) -> str:
         parts += ["Aggregation step of the gradient methods (ms, median; K x 100,000 Jacobian):", "",
                   table(["K", *aggregators], [[r["tasks"], *(num(r[f"aggregate/{a}_ms"], 1) for a in aggregators)]
                                               for r in rows]), ""]
+    counterparts = sorted(k[len("torchjd/"): -len("_ms")] for k in rows[0]
+                          if k.startswith("torchjd/") and k.endswith("_ms") and not k.endswith("_cpu_ms"))
+    if counterparts:
+        parts += ["Against torchjd's aggregator for the same method, on the same matrices (ms, median; "
+                  "x torchjd: this library's time over torchjd's):", "",
+                  table(["K", *(f"{a} {col}" for a in counterparts for col in ("ms", "torchjd ms", "x torchjd"))],
+                        [[r["tasks"], *(v for a in counterparts for v in (
+                            num(r[f"aggregate/{a}_ms"], 1), num(r[f"torchjd/{a}_ms"], 1),
+                            num(r[f"aggregate/{a}_ms"] / r[f"torchjd/{a}_ms"])))] for r in rows]), ""]
     parts += [f"![scaling]({section['plot']})", ""]
     return "\n".join(parts)
 

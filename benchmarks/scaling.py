@@ -12,7 +12,9 @@ For each K, with ``c = max(2, round(K / 4))`` planted clusters (at most K):
 * **conn_strength projection**: Phase 2's combination (``combine_flat``) of K gradients of one
   64-channel 3x3 convolution (64 x 576 each) with random top-priority tasks;
 * **gradient aggregators**: each aggregator's ``aggregate`` of a random K x n Jacobian
-  (n = 100,000), the work it adds to the K backward passes.
+  (n = 100,000), the work it adds to the K backward passes; where torchjd's aggregator for the
+  same method runs without extra solvers (PCGrad, GradVac, MGDA: :func:`torchjd_counterparts`),
+  torchjd's on the same matrix, what a user would call instead.
 
 All of them alternate in one process with one EW step of the quickstart CNN (5 tasks, batch 64),
 the yardstick of the "x EW" column; medians over the repeats (one random matrix each).
@@ -90,6 +92,18 @@ def aggregator_names() -> list[str]:
     return [n for n in mtl_plugins.available_strategies() if issubclass(STRATEGIES.get(n), GradientAggregation)]
 
 
+def torchjd_counterparts(aggregators: Sequence[str]) -> dict[str, Callable[[], Any]]:
+    """torchjd's aggregator (a factory) for each of ``aggregators`` whose weights are computed here
+    and that torchjd offers without extra solvers, with this library's options; {} without torchjd."""
+    try:
+        from torchjd import aggregation
+    except ImportError:
+        return {}
+    factories = {"pcgrad": aggregation.PCGrad, "gradvac": lambda: aggregation.GradVac(beta=0.01),
+                 "mgda": lambda: aggregation.MGDA(epsilon=1e-5, max_iters=250)}
+    return {name: factory for name, factory in factories.items() if name in aggregators}
+
+
 def measure_tasks(num_tasks: int, repeats: int, aggregators: Sequence[str], ew_run: Callable[[int], Any],
                   seed: int = 0) -> dict[str, Any]:
     """One row: median ms of each bookkeeping operation for ``num_tasks`` tasks, groups found."""
@@ -107,6 +121,7 @@ def measure_tasks(num_tasks: int, repeats: int, aggregators: Sequence[str], ew_r
     top = torch.randint(0, num_tasks, (CHANNELS,), generator=generator)
     jacobian = torch.randn(num_tasks, JACOBIAN_COLUMNS, generator=generator)
     strategies = {name: mtl_plugins.build_strategy(name, tasks) for name in aggregators}
+    counterparts = {name: factory() for name, factory in torchjd_counterparts(aggregators).items()}
 
     def cluster(i: int) -> None:
         labels, matrix = cases[i % len(cases)]
@@ -119,6 +134,7 @@ def measure_tasks(num_tasks: int, repeats: int, aggregators: Sequence[str], ew_r
         "affinity_update": lambda i: affinity_update_batch(affinity, planted, rng),
         "projection": lambda i: combine_flat(grads, top),
         **{f"aggregate/{name}": (lambda i, s=strategies[name]: s.aggregate(jacobian)) for name in aggregators},
+        **{f"torchjd/{name}": (lambda i, a=aggregator: a(jacobian)) for name, aggregator in counterparts.items()},
     }
     samples = alternate(runs, repeats, torch.device("cpu"), warmup=1)
     timed = [groups for _, groups in found[-repeats:]]

@@ -144,6 +144,9 @@ def test_quick_run_writes_a_sane_report(tmp_path, monkeypatch):
         k = row["tasks"]
         assert 1 <= row["min_groups"] <= row["groups_found"] <= row["max_groups"] <= k
         assert finite_positive(row["clustering_ms"]) and finite_positive(row["bookkeeping_x_ew"])
+        for name in ("pcgrad", "mgda"):  # the quick run's aggregators, both with a torchjd counterpart
+            assert finite_positive(row[f"aggregate/{name}_ms"]) and finite_positive(row[f"torchjd/{name}_ms"])
+    assert "Against torchjd's aggregator" in text and "| mgda x torchjd | pcgrad ms |" in text
     assert all(r["exact"] == 1.0 for r in results["sections"]["scaling"]["rows"])  # small K, clear clusters
 
     summaries = {s["benchmark"]: s for s in results["sections"]["quality"]["summaries"]}
