@@ -161,8 +161,9 @@ def render_scaling(section: Mapping[str, Any]) -> str:
     counterparts = sorted(k[len("torchjd/"): -len("_ms")] for k in rows[0]
                           if k.startswith("torchjd/") and k.endswith("_ms") and not k.endswith("_cpu_ms"))
     if counterparts:
-        parts += ["Against torchjd's aggregator for the same method, on the same matrices (ms, median; "
-                  "x torchjd: this library's time over torchjd's):", "",
+        parts += ["Against torchjd's aggregator for the same method, on the same float32 matrices (ms, median; "
+                  "x torchjd: this library's time over torchjd's; torchjd computes the Gramian and the weights "
+                  "in float32, this library in float64):", "",
                   table(["K", *(f"{a} {col}" for a in counterparts for col in ("ms", "torchjd ms", "x torchjd"))],
                         [[r["tasks"], *(v for a in counterparts for v in (
                             num(r[f"aggregate/{a}_ms"], 1), num(r[f"torchjd/{a}_ms"], 1),

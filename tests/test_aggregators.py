@@ -218,6 +218,20 @@ def test_nash_mtl_solves_the_bargaining_equation_and_clips():
     torch.testing.assert_close(clipped, d / d.norm())
 
 
+def test_nash_mtl_converges_on_an_ill_conditioned_low_rank_gramian():
+    """Task gradients of norms spread over six decades in a 3-dimensional space: the gradient's
+    norm may grow during quadratic convergence, so only the Newton decrement may end it."""
+    from mtl_plugins.strategies.aggregators.solvers import nash_weights
+
+    g = torch.Generator().manual_seed(654)
+    J = torch.randn(5, 3, generator=g, dtype=DTYPE) * 10 ** (6 * torch.rand(5, 1, generator=g, dtype=DTYPE))
+    gramian = J @ J.T
+    norm = torch.linalg.matrix_norm(gramian)
+    scaled = nash_weights(gramian) * norm.sqrt()
+    m = gramian / norm + 1e-10 * torch.eye(5, dtype=DTYPE)
+    assert float((m @ scaled - 1 / scaled).norm()) < 1e-10
+
+
 @pytest.mark.parametrize("k, seed", [(20, 4), (20, 7), (5, 0)])
 def test_nash_mtl_weights_reach_float64_resolution(k, seed):
     """On these Gramians of float32 Jacobians, a Newton iteration with a line search near the
@@ -338,6 +352,24 @@ def test_gradvac_matches_paper_update_and_keeps_its_ema_in_the_state():
     expected_second, _ = _gradvac_reference(second, targets, beta)
     torch.testing.assert_close(strategy.aggregate(second), expected_second)
     torch.testing.assert_close(restored.aggregate(second), expected_second)
+
+
+def test_gradvac_loads_the_previous_state_format_and_refuses_another_task_count():
+    strategy = build("gradvac", TASKS)
+    strategy.load_state_dict({**strategy.state_dict(), "vaccine_state": {"phi": None}})  # before any batch
+    assert torch.equal(strategy.targets, torch.zeros(3, 3, dtype=DTYPE))
+    phi = torch.rand(3, 3, dtype=torch.float32)
+    strategy.load_state_dict({**strategy.state_dict(), "vaccine_state": {"phi": phi}})
+    assert strategy.targets.dtype == DTYPE and torch.equal(strategy.targets, phi.double())
+    with pytest.raises(ValueError, match=r"EMA targets are \(2, 2\), expected \(3, 3\)"):
+        strategy.load_state_dict({**strategy.state_dict(), "vaccine_state": {"phi": torch.zeros(2, 2)}})
+
+
+def test_pcgrad_skips_a_projection_onto_a_gradient_whose_square_underflows():
+    from mtl_plugins.strategies.aggregators.solvers import pcgrad_weights
+
+    gramian = torch.tensor([[1.0, -1e-24], [-1e-24, 0.0]], dtype=DTYPE)  # g_1 ~ 1e-25: G_11 underflows in float32
+    torch.testing.assert_close(pcgrad_weights(gramian), torch.tensor([1.0, 1.0], dtype=DTYPE))
 
 
 def test_graddrop_keeps_one_sign_per_coordinate_with_the_purity_probability():

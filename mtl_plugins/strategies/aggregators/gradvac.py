@@ -39,4 +39,7 @@ class GradVac(GradientAggregation):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         phi = state["vaccine_state"]["phi"]
-        self.targets = torch.zeros_like(self.targets) if phi is None else phi.detach().to(torch.float64).clone()
+        k = len(self.tasks)
+        if phi is not None and tuple(phi.shape) != (k, k):
+            raise ValueError(f"gradvac: the state's EMA targets are {tuple(phi.shape)}, expected ({k}, {k}) for {k} tasks")
+        self.targets = torch.zeros(k, k, dtype=torch.float64) if phi is None else phi.detach().to("cpu", torch.float64).clone()

@@ -21,7 +21,9 @@ def mgda_weights(gramian: Tensor, epsilon: float = 1e-5, max_iters: int = 250) -
     when the step ``gamma`` is below ``epsilon``. ``G alpha`` and ``b`` are updated in O(K) per
     iteration (``G alpha' = (1 - gamma) G alpha + gamma G e_t``), in Python floats: the iterates
     equal the O(K^2) recomputation to rounding, which after 250 iterations reaches about 1e-8 in
-    the weights (as between torchjd's torch and a numpy implementation).
+    the weights (as between torchjd's torch and a numpy implementation). Exact ties in ``G alpha``
+    (duplicate tasks) go to the first task, where torch's argmin follows its rounding: the weights
+    then differ, the direction ``alpha^T J`` does not.
     """
     g = gramian.detach().cpu().double().tolist()
     k = len(g)
@@ -85,7 +87,7 @@ def nash_weights(gramian: Tensor, max_iters: int = 100, tol: float = 1e-10) -> T
     decrement ``lambda = sqrt(grad^T step)`` is at least 1/4 the step is damped by a backtracking
     line search (each step then lowers ``f`` by more than 0.02, far above rounding); below it the
     full step converges quadratically (Nesterov & Nemirovski), and the iteration also ends when
-    the gradient's norm stops halving (float64's rounding).
+    the decrement stops halving (float64's rounding).
     """
     g = gramian.detach().cpu().double().numpy()
     norm = float(np.linalg.norm(g))
@@ -98,23 +100,22 @@ def nash_weights(gramian: Tensor, max_iters: int = 100, tol: float = 1e-10) -> T
     def objective(a: np.ndarray) -> float:
         return float(0.5 * a @ m @ a - np.log(a).sum())
 
-    previous = math.inf
+    previous = math.inf  # the last full step's squared decrement
     for _ in range(max_iters):
         grad = m @ alpha - 1.0 / alpha
-        grad_norm = float(np.linalg.norm(grad))
-        if grad_norm < tol or grad_norm > 0.5 * previous:
+        if float(np.linalg.norm(grad)) < tol:
             break
         step = np.linalg.solve(m + np.diag(1.0 / alpha**2), grad)
         slope = max(float(grad @ step), 0.0)  # the squared Newton decrement
-        t = 1.0
         if slope >= 1 / 16:
-            current = objective(alpha)
+            t, current = 1.0, objective(alpha)
             while (alpha - t * step <= 0).any() or objective(alpha - t * step) > current - 0.25 * t * slope:
                 t *= 0.5
-            previous = math.inf
+            alpha, previous = alpha - t * step, math.inf
+        elif slope > 0.5 * previous:  # no longer shrinking quadratically: float64's rounding
+            break
         else:
-            previous = grad_norm
-        alpha = alpha - t * step
+            alpha, previous = alpha - step, slope
     return torch.from_numpy(alpha / math.sqrt(norm))
 
 
@@ -137,7 +138,7 @@ def pcgrad_weights(gramian: Tensor) -> Tensor:
             if j == i:
                 continue
             inner = sum(x * y for x, y in zip(g[j], c))
-            if inner < 0.0:
+            if inner < 0.0 and g[j][j] > 0.0:  # G_jj = 0 with G_ij < 0: float32 underflow of a tiny g_j
                 c[j] -= inner / g[j][j]
         weights = [w + x for w, x in zip(weights, c)]
     return torch.tensor(weights, dtype=torch.float64)
