@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -284,17 +285,26 @@ def render_quality(section: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def interval(bounds: Sequence[float] | None) -> str:
+    """``low-high`` with two decimals; empty for a missing interval or nan bounds (too few cycles)."""
+    if not bounds or any(math.isnan(b) for b in bounds):
+        return ""
+    return f"{bounds[0]:.2f}-{bounds[1]:.2f}"
+
+
 def render_side_by_side(section: Mapping[str, Any]) -> str:
     parts = ["## Side by side with LibMTL's gradient weightings", "", provenance(section), "",
              section["description"].replace("\n", " "), "",
              f"{section['repeats']} timed cycles, torch threads: {section.get('threads', '?')}. 'x LibMTL' and "
-             "'x floor' are medians of per-cycle wall-clock ratios; peak memory as in the cost section.", ""]
+             "'x floor' are medians of per-cycle wall-clock ratios, 'x floor 95% CI' the distribution-free "
+             "interval of that median (order statistics); peak memory as in the cost section.", ""]
     for model in section["models"].values():
         parts += [f"### {model['description']}", ""]
         header = ["aggregator", "options", "ms/batch", "LibMTL-style ms", "floor ms", "x LibMTL", "x floor",
-                  "LibMTL-style x floor", "peak MiB", "LibMTL-style peak MiB"]
+                  "x floor 95% CI", "LibMTL-style x floor", "peak MiB", "LibMTL-style peak MiB"]
         rows = [[r["strategy"], r["label"], num(r["ours_ms"], 1), num(r["libmtl_ms"], 1), num(r["floor_ms"], 1),
-                 f"**{r['x_libmtl']:.2f}**", f"**{r['x_floor']:.2f}**", num(r["libmtl_x_floor"]),
+                 f"**{r['x_libmtl']:.2f}**", f"**{r['x_floor']:.2f}**", interval(r.get("x_floor_ci")),
+                 num(r["libmtl_x_floor"]),
                  num(r.get("ours_peak_mib"), 1), num(r.get("libmtl_peak_mib"), 1)] for r in model["rows"]]
         parts += [table(header, rows), ""]
     return "\n".join(parts)

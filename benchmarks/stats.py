@@ -1,4 +1,5 @@
-"""Confidence intervals of the quality section: Student's t intervals of a mean and of paired differences."""
+"""Confidence intervals: Student's t intervals of a mean and of paired differences (the quality
+section), and distribution-free intervals of a median (the timing ratios)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,26 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, floa
     n, mean = len(values), statistics.fmean(values)
     half = math.nan if n < 2 else float(t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
     return {"mean": mean, "half_width": half, "low": mean - half, "high": mean + half, "n": n}
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Median of ``values`` with a distribution-free interval of at least ``confidence``: the order
+    statistics ``x_(j)`` and ``x_(n+1-j)`` for the largest ``j`` with ``P(Binomial(n, 1/2) < j) <=
+    (1 - confidence) / 2`` (each value falls below the true median with probability 1/2, independently).
+    ``coverage`` is the interval's exact level; with too few values (n < 6 at 95%) there is none (nan)."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        raise ValueError("median_ci needs at least one value")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n, tail, j, below = len(ordered), (1 - confidence) / 2, 0, 0.0
+    while j < n // 2 and below + math.comb(n, j) / 2**n <= tail:  # below: P(B <= j - 1)
+        below += math.comb(n, j) / 2**n
+        j += 1
+    median = statistics.median(ordered)
+    if j == 0:
+        return {"median": median, "low": math.nan, "high": math.nan, "coverage": math.nan, "n": n}
+    return {"median": median, "low": ordered[j - 1], "high": ordered[n - j], "coverage": 1 - 2 * below, "n": n}
 
 
 def paired_difference(values: Mapping[int, float], reference: Mapping[int, float],

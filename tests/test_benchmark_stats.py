@@ -1,4 +1,5 @@
-"""Quality statistics: t intervals of means and of paired per-seed differences, and the summary built on them."""
+"""Benchmark statistics: t intervals of means and of paired per-seed differences, the summary built on
+them, and distribution-free intervals of a median."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ if importlib.util.find_spec("benchmarks") is None:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import Benchmark, Job, summarize  # noqa: E402 - after the sys.path set-up
-from benchmarks.stats import mean_ci, paired_difference, verdict  # noqa: E402
+from benchmarks.stats import mean_ci, median_ci, paired_difference, verdict  # noqa: E402
 
 
 @pytest.mark.parametrize("values", [[1.0, 2.0], [3.1, -0.4, 2.2, 5.0, 1.7], list(np.linspace(-2, 7, 11))])
@@ -27,6 +28,31 @@ def test_mean_ci_is_the_t_interval(values, confidence):
     assert ci["mean"] == pytest.approx(np.mean(values))
     assert (ci["low"], ci["high"]) == pytest.approx((low, high))
     assert ci["half_width"] == pytest.approx((high - low) / 2) and ci["n"] == len(values)
+
+
+@pytest.mark.parametrize("n", [6, 7, 10, 15, 16, 30, 61])
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_median_interval_is_the_widest_binomial_order_statistic_pair(n, confidence):
+    values = list(np.random.default_rng(n).normal(size=n))
+    ordered = sorted(values)
+    ci = median_ci(values, confidence)
+    tail = (1 - confidence) / 2
+    j = max((j for j in range(1, n // 2 + 1) if scipy.stats.binom.cdf(j - 1, n, 0.5) <= tail), default=0)
+    if j == 0:
+        assert math.isnan(ci["low"]) and math.isnan(ci["coverage"])
+        return
+    assert (ci["low"], ci["high"]) == (ordered[j - 1], ordered[n - j])
+    assert ci["coverage"] == pytest.approx(1 - 2 * scipy.stats.binom.cdf(j - 1, n, 0.5)) and ci["coverage"] >= confidence
+    assert ci["median"] == pytest.approx(np.median(values))
+
+
+def test_median_interval_of_fifteen_cycles_by_hand():
+    # P(B(15, 1/2) <= 3) = 576 / 32768 = 0.0176 <= 0.025 < P(B <= 4) = 0.0592: the 4th and 12th values
+    ci = median_ci(range(15, 0, -1))
+    assert (ci["low"], ci["high"]) == (4.0, 12.0) and ci["coverage"] == pytest.approx(1 - 2 * 576 / 32768)
+    assert math.isnan(median_ci([1.0, 2.0, 3.0, 4.0, 5.0])["low"])  # 2 / 32 > 0.025: no 95% interval
+    with pytest.raises(ValueError, match="at least one value"):
+        median_ci([])
 
 
 def test_t_interval_of_five_seeds_by_hand():
