@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .stats import median_ci
+
 Run = Callable[[int], Any]
 
 
@@ -76,11 +78,23 @@ def alternate(runs: Mapping[str, Run], repeats: int, device: torch.device, warmu
     return samples
 
 
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-    """Median over cycles of ``numerator[i] / denominator[i]``: runs of one cycle share the machine's load."""
+def cycle_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """``numerator[i] / denominator[i]`` per cycle: runs of one cycle share the machine's load."""
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError(f"paired samples differ in length: {len(numerator)} vs {len(denominator)}")
-    return statistics.median(n / d for n, d in zip(numerator, denominator))
+    return [n / d for n, d in zip(numerator, denominator)]
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over cycles of :func:`cycle_ratios`."""
+    return statistics.median(cycle_ratios(numerator, denominator))
+
+
+def paired_ratio_interval(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """The distribution-free 95% interval (:func:`~benchmarks.stats.median_ci`) of :func:`paired_ratio`
+    (nan bounds with fewer than 6 cycles)."""
+    interval = median_ci(cycle_ratios(numerator, denominator))
+    return [interval["low"], interval["high"]]
 
 
 def peak_bytes(run: Callable[[], Any], device: torch.device) -> int:

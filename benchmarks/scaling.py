@@ -92,16 +92,16 @@ def aggregator_names() -> list[str]:
     return [n for n in mtl_plugins.available_strategies() if issubclass(STRATEGIES.get(n), GradientAggregation)]
 
 
-def torchjd_counterparts(aggregators: Sequence[str]) -> dict[str, Callable[[], Any]]:
-    """torchjd's aggregator (a factory) for each of ``aggregators`` whose weights are computed here
-    and that torchjd offers without extra solvers, with this library's options; {} without torchjd."""
+def torchjd_counterparts(strategies: Mapping[str, GradientAggregation]) -> dict[str, Any]:
+    """torchjd's aggregator for each of ``strategies`` whose weights are computed here and that
+    torchjd offers without extra solvers, built with the strategy's own options; {} without torchjd."""
     try:
         from torchjd import aggregation
     except ImportError:
         return {}
-    factories = {"pcgrad": aggregation.PCGrad, "gradvac": lambda: aggregation.GradVac(beta=0.01),
-                 "mgda": lambda: aggregation.MGDA(epsilon=1e-5, max_iters=250)}
-    return {name: factory for name, factory in factories.items() if name in aggregators}
+    factories = {"pcgrad": lambda s: aggregation.PCGrad(), "gradvac": lambda s: aggregation.GradVac(beta=s.beta),
+                 "mgda": lambda s: aggregation.MGDA(epsilon=s.epsilon, max_iters=s.max_iters)}
+    return {name: factories[name](strategy) for name, strategy in strategies.items() if name in factories}
 
 
 def measure_tasks(num_tasks: int, repeats: int, aggregators: Sequence[str], ew_run: Callable[[int], Any],
@@ -121,7 +121,7 @@ def measure_tasks(num_tasks: int, repeats: int, aggregators: Sequence[str], ew_r
     top = torch.randint(0, num_tasks, (CHANNELS,), generator=generator)
     jacobian = torch.randn(num_tasks, JACOBIAN_COLUMNS, generator=generator)
     strategies = {name: mtl_plugins.build_strategy(name, tasks) for name in aggregators}
-    counterparts = {name: factory() for name, factory in torchjd_counterparts(aggregators).items()}
+    counterparts = torchjd_counterparts(strategies)
 
     def cluster(i: int) -> None:
         labels, matrix = cases[i % len(cases)]

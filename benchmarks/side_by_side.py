@@ -30,8 +30,7 @@ from mtl_plugins.registry import STRATEGIES
 from mtl_plugins.strategies.task_gradients import split_model_parameters
 
 from .cost import Setup, retained_passes, to_device
-from .measure import alternate, paired_ratio, peak_bytes
-from .stats import median_ci
+from .measure import alternate, paired_ratio, paired_ratio_interval, peak_bytes
 
 AGGREGATORS = ["pcgrad", "mgda", "imtl", "upgrad", "aligned_mtl", "gradvac", "graddrop", "cagrad", "nash_mtl"]
 
@@ -64,13 +63,6 @@ def variants(name: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def ratio_interval(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
-    """The distribution-free 95% interval (:func:`~benchmarks.stats.median_ci`) of the median
-    per-cycle ratio ``numerator[i] / denominator[i]`` (nan bounds with fewer than 6 cycles)."""
-    interval = median_ci([n / d for n, d in zip(numerator, denominator)])
-    return [interval["low"], interval["high"]]
-
-
 def measure_aggregator(name: str, setup: Setup, repeats: int, device: torch.device, memory: bool,
                        options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ours, the LibMTL-style step and the floor for one aggregator (with ``options``) on ``setup``."""
@@ -94,7 +86,7 @@ def measure_aggregator(name: str, setup: Setup, repeats: int, device: torch.devi
         "x_floor": paired_ratio(samples["ours"].wall, samples["floor"].wall),
         "libmtl_x_floor": paired_ratio(samples["libmtl"].wall, samples["floor"].wall),
         "cpu_x_floor": paired_ratio(samples["ours"].cpu, samples["floor"].cpu),
-        "x_floor_ci": ratio_interval(samples["ours"].wall, samples["floor"].wall),
+        "x_floor_ci": paired_ratio_interval(samples["ours"].wall, samples["floor"].wall),
     }
     if memory:
         for key in ("ours", "libmtl"):

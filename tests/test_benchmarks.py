@@ -18,7 +18,7 @@ if importlib.util.find_spec("benchmarks") is None:  # plain `pytest` does not pu
     sys.path.insert(0, str(ROOT))
 
 import mtl_plugins
-from benchmarks import cost, scaling, side_by_side
+from benchmarks import cost, measure, scaling, side_by_side
 from benchmarks.run import main
 from mtl_plugins.grouping import choose_groups
 from mtl_plugins.loop import make_closure
@@ -66,12 +66,12 @@ def test_cost_cases_pick_their_floor():
             assert finite_positive(row[key]), (row["label"], key, row[key])
 
 
-def test_ratio_interval_is_the_median_interval_of_the_per_cycle_ratios():
+def test_paired_ratio_interval_is_the_median_interval_of_the_per_cycle_ratios():
     floor = [10.0 + (i % 4) for i in range(15)]  # the machine's load moves both runs of a cycle
     ours = [f * (1.0 + 0.01 * i) for i, f in enumerate(floor)]  # per-cycle ratios 1.00 ... 1.14
-    low, high = side_by_side.ratio_interval(ours, floor)
+    low, high = measure.paired_ratio_interval(ours, floor)
     assert (low, high) == pytest.approx((1.03, 1.11))  # the 4th and 12th of 15 ratios
-    assert all(math.isnan(b) for b in side_by_side.ratio_interval(ours[:5], floor[:5]))
+    assert all(math.isnan(b) for b in measure.paired_ratio_interval(ours[:5], floor[:5]))
 
 
 @pytest.mark.parametrize("name", ["mgda", "cagrad", "imtl"])
